@@ -1,0 +1,1 @@
+"""What operators and developers read: the REST API (and, later, SSE, dashboard, metrics)."""

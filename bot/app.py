@@ -1,0 +1,90 @@
+"""The Starlette application: routes, error handling, and the lifespan that owns the database
+and (unless disabled) the in-process worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bot.api import rest
+from bot.db import Database
+from bot.settings import Settings
+from bot.webhooks import github, gitlab
+from bot.webhooks.ingress import WebhookError
+from bot.worker import RunBuild, Worker
+
+log = logging.getLogger(__name__)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    try:
+        await request.app.state.db.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+    except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
+        log.warning("health check failed: %s", type(exc).__name__)
+        return JSONResponse({"status": "unhealthy", "database": "unreachable"}, 503)
+    return JSONResponse({"status": "ok", "database": "ok"})
+
+
+async def _webhook_error(request: Request, exc: WebhookError) -> JSONResponse:
+    return JSONResponse({"error": exc.reason, "kind": exc.kind}, exc.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "internal error; see the bot's log"}, 500)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    run_worker: bool = True,
+    run_build: RunBuild | None = None,
+    db: Database | None = None,
+) -> Starlette:
+    """The bot as an ASGI app. ``db`` may be passed in (tests); otherwise the app owns one."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        database = db or Database(settings.database_url.get_secret_value())
+        app.state.db = database
+        worker = Worker(database, settings, run_build) if run_worker else None
+        app.state.worker = worker
+        app.state.notify_queued = worker.wake if worker else (lambda: None)
+        task = asyncio.create_task(worker.run(), name="worker") if worker else None
+        try:
+            yield
+        finally:
+            if worker and task:
+                worker.stop()
+                await task
+            if db is None:
+                database.close()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/webhooks/github", github.webhook, methods=["POST"]),
+            Route("/webhooks/gitlab", gitlab.webhook, methods=["POST"]),
+            *rest.routes,
+        ],
+        exception_handlers={
+            WebhookError: _webhook_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

@@ -1,0 +1,198 @@
+"""Database access: engines, migrations, and one writer thread that group-commits.
+
+Why one writer: SQLite allows one writing transaction at a time, and contended writers wait in
+SQLite's busy handler, which sleeps, so under load every extra writer turns into latency.
+Funnelling all of a process's writes through one thread removes that contention, and letting
+the thread commit whatever has queued up meanwhile in one transaction (group commit) makes each
+webhook's share of a commit small. PostgreSQL gets the same path; it does not need it, but one
+code path is easier to trust than two. Reads run on a pool of threads with their own
+connections (WAL lets them run beside the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TypeVar
+
+import anyio.to_thread
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Work = Callable[[Connection], T]
+
+#: Seconds a SQLite connection waits for another process's write lock before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: Most pieces of work one group commit takes; bounds the cost of a rollback-and-retry.
+MAX_BATCH = 64
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # WAL + NORMAL: a commit survives a crash of the process (it is in the WAL), and fsyncs
+    # happen at checkpoints instead of on every commit.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str, *, writer: bool) -> Engine:
+    """An engine for ``url``; for SQLite, writers take the lock up front (BEGIN IMMEDIATE).
+
+    A deferred SQLite transaction that reads and then writes cannot wait for the lock when it
+    upgrades (it would deadlock), so it fails at once with "database is locked"; starting
+    write transactions with BEGIN IMMEDIATE makes them wait in the busy handler instead.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "isolation_level": None}
+    )
+    event.listen(engine, "connect", _sqlite_pragmas)
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """The bot's database: ``await db.write(fn)`` and ``await db.read(fn)``.
+
+    ``fn`` takes a SQLAlchemy ``Connection`` inside a transaction and returns a value. Work
+    given to ``write`` must touch nothing but the database: when a batch fails it is rolled
+    back and each piece is run again in a transaction of its own, so that one bad piece fails
+    alone.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        self.writer_engine = make_engine(url, writer=True)
+        self.reader_engine = make_engine(url, writer=False) if self.is_sqlite else self.writer_engine
+        self._queue: queue.SimpleQueue[tuple[Work, Future] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="imagebot-db-writer", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------------------------------
+
+    async def write(self, work: Work[T]) -> T:
+        """Run ``work`` in the writer thread's next group commit; return once it is committed."""
+        return await asyncio.wrap_future(self.submit(work))
+
+    def write_sync(self, work: Work[T]) -> T:
+        """The same for code that is not async (the CLI, tests)."""
+        return self.submit(work).result()
+
+    def submit(self, work: Work[T]) -> Future:
+        future: Future = Future()
+        self._queue.put((work, future))
+        return future
+
+    async def read(self, work: Work[T]) -> T:
+        """Run ``work`` in a read transaction on a worker thread."""
+        return await anyio.to_thread.run_sync(self.read_sync, work)
+
+    def read_sync(self, work: Work[T]) -> T:
+        with self.reader_engine.connect() as conn, conn.begin():
+            return work(conn)
+
+    def ping(self) -> None:
+        """Raise unless the database answers a trivial query."""
+        self.read_sync(lambda conn: conn.execute(text("SELECT 1")).scalar_one())
+
+    def close(self) -> None:
+        """Finish the queued writes, stop the writer thread, close connections."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.writer_engine.dispose()
+        self.reader_engine.dispose()
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[Work, Future]]) -> None:
+        live = [(work, fut) for work, fut in batch if fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            with self.writer_engine.begin() as conn:
+                results = [work(conn) for work, _ in live]
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
+            if len(live) == 1:
+                live[0][1].set_exception(exc)
+                return
+            log.debug("group commit of %d failed (%s); retrying one by one", len(live), exc)
+            for work, fut in live:
+                self._commit_one(work, fut)
+            return
+        for (_, fut), result in zip(live, results, strict=True):
+            fut.set_result(result)
+
+    def _commit_one(self, work: Work, fut: Future) -> None:
+        try:
+            with self.writer_engine.begin() as conn:
+                result = work(conn)
+        except BaseException as exc:  # noqa: BLE001
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` (``imagebot db upgrade``; ``serve`` runs it too)."""
+    from alembic import command
+
+    engine = make_engine(url, writer=True)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()

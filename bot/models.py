@@ -1,0 +1,135 @@
+"""The tables: webhook deliveries, builds (the queue itself) and telemetry events.
+
+Times are stored as naive UTC (SQLite has no time zones) and handed back as aware UTC, so the
+rest of the code never compares a naive time with an aware one.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, Column, DateTime, Index, String, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out, naive UTC on disk."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use bot.models.utcnow()")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _time(nullable: bool = True, index: bool = False) -> Column:
+    return Column(UTCDateTime(), nullable=nullable, index=index)
+
+
+class BuildStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    superseded = "superseded"
+    skipped = "skipped"
+
+    @property
+    def final(self) -> bool:
+        return self not in (BuildStatus.queued, BuildStatus.running)
+
+
+class BuildKind(str, enum.Enum):
+    branch = "branch"
+    tag = "tag"
+    pull_request = "pull_request"
+
+
+class Delivery(SQLModel, table=True):
+    """One webhook delivery as received; redeliveries (same id) are recognised by the key."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("provider", "delivery_id", name="uq_delivery"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(sa_column=Column(String(16), nullable=False))
+    #: The forge's delivery id; None for a GitLab delivery that carried none (never deduped).
+    delivery_id: str | None = Field(default=None, sa_column=Column(String(128)))
+    event: str = Field(sa_column=Column(String(64), nullable=False))
+    action: str | None = Field(default=None, sa_column=Column(String(64)))
+    repo: str | None = Field(default=None, sa_column=Column(String(255)))
+    received_at: datetime = Field(sa_column=_time(nullable=False))
+    #: What the delivery caused: queued, skipped, cancelled, ignored, ping.
+    outcome: str = Field(sa_column=Column(String(16), nullable=False))
+    reason: str | None = Field(default=None, sa_column=Column(String(500)))
+    build_id: int | None = Field(default=None, foreign_key="builds.id")
+
+
+class Build(SQLModel, table=True):
+    """A build request and its progress. The rows with status ``queued`` are the queue."""
+
+    __tablename__ = "builds"
+    __table_args__ = (
+        Index("ix_builds_status_id", "status", "id"),
+        Index("ix_builds_repo_ref_status", "repo", "ref", "status"),
+        Index("ix_builds_repo_id", "repo", "id"),
+        Index("ix_builds_sha", "sha"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(sa_column=Column(String(16), nullable=False))
+    repo: str = Field(sa_column=Column(String(255), nullable=False))
+    clone_url: str = Field(sa_column=Column(String(1024), nullable=False))
+    #: The full ref: refs/heads/main, refs/tags/v1.2.3, refs/pull/7/head, refs/merge-requests/7/head.
+    ref: str = Field(sa_column=Column(String(512), nullable=False))
+    sha: str = Field(sa_column=Column(String(64), nullable=False))
+    kind: BuildKind = Field(sa_column=Column(String(16), nullable=False))
+    pr_number: int | None = None
+    #: From a fork: built, never pushed, never given registry credentials.
+    fork: bool = False
+    default_branch: str | None = Field(default=None, sa_column=Column(String(255)))
+    installation_id: int | None = None
+    #: The event that caused the build (push, pull_request, check_suite, Push Hook, ...).
+    trigger: str = Field(sa_column=Column(String(64), nullable=False))
+    status: BuildStatus = Field(sa_column=Column(String(16), nullable=False))
+    platforms: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=_time(nullable=False))
+    started_at: datetime | None = Field(default=None, sa_column=_time())
+    finished_at: datetime | None = Field(default=None, sa_column=_time())
+    attempts: int = 0
+    error_kind: str | None = Field(default=None, sa_column=Column(String(32)))
+    error_message: str | None = Field(default=None, sa_column=Column(String(2000)))
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(128)))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=_time(index=True))
+
+
+class TelemetryEvent(SQLModel, table=True):
+    """One step of one build; the pipeline fills these, every consumer reads them unchanged."""
+
+    __tablename__ = "telemetry_events"
+    __table_args__ = (Index("ix_events_build_id_id", "build_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    build_id: int = Field(foreign_key="builds.id", nullable=False)
+    name: str = Field(sa_column=Column(String(64), nullable=False))
+    platform: str | None = Field(default=None, sa_column=Column(String(64)))
+    ts: datetime = Field(sa_column=_time(nullable=False))
+    data: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+builds = Build.__table__
+deliveries = Delivery.__table__
+telemetry_events = TelemetryEvent.__table__

@@ -1,0 +1,198 @@
+"""All of imagebot's configuration, in one object.
+
+Settings are read once, at start-up, from ``IMAGEBOT_*`` environment variables (and an optional
+``.env`` file) and then passed down explicitly; nothing deeper in the code reads the environment.
+Secrets are ``SecretStr`` so that a settings object can be logged or shown in a traceback
+without leaking them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+#: ``os/arch[/variant]`` as Docker and the OCI image index spell platforms.
+_PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
+#: ``host[:port][/namespace...]``: a registry host, optionally with a path prefix for images.
+_REGISTRY = re.compile(
+    r"^(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(:(?P<port>[0-9]{1,5}))?"
+    r"(?P<namespace>(/[a-z0-9]+([._-][a-z0-9]+)*)*)$"
+)
+
+
+class SettingsError(Exception):
+    """Settings that cannot start the bot; ``problems`` lists every one of them."""
+
+    kind = "settings"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Settings(BaseSettings):
+    """Every knob of imagebot. Field names map to ``IMAGEBOT_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEBOT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # Storage. A URL may carry a password, so it is a secret too.
+    database_url: SecretStr = SecretStr("sqlite:///./imagebot.db")
+
+    # Ingress.
+    github_webhook_secret: SecretStr | None = None
+    gitlab_webhook_token: SecretStr | None = None
+    max_payload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+
+    # Forges.
+    github_api_url: str = "https://api.github.com"
+    github_token: SecretStr | None = None
+    github_app_id: int | None = Field(default=None, gt=0)
+    github_private_key: SecretStr | None = None
+    github_private_key_path: Path | None = None
+    gitlab_url: str = "https://gitlab.com"
+    gitlab_api_token: SecretStr | None = None
+
+    # Registry.
+    registry: str | None = None
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+    registry_credential_helper: str | None = None
+
+    # Builds.
+    platforms: Annotated[list[str], NoDecode] = ["linux/amd64"]
+    public_url: str = "http://localhost:8000"
+
+    # Worker.
+    concurrency: int = Field(default=2, ge=1, le=64)
+    lease_seconds: float = Field(default=30.0, ge=1.0)
+    max_attempts: int = Field(default=3, ge=1)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    #: Until the pipeline lands, a build runs this long as a placeholder step.
+    placeholder_build_seconds: float = Field(default=0.0, ge=0)
+
+    @field_validator("platforms", mode="before")
+    @classmethod
+    def _split_platforms(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("platforms")
+    @classmethod
+    def _check_platforms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one platform is needed, e.g. linux/amd64")
+        bad = [p for p in value if not _PLATFORM.match(p)]
+        if bad:
+            raise ValueError(f"not os/arch[/variant]: {', '.join(bad)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("registry")
+    @classmethod
+    def _check_registry(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.strip().rstrip("/")
+        if "://" in value:
+            raise ValueError("give host[:port][/namespace] without a scheme, e.g. ghcr.io/acme")
+        match = _REGISTRY.match(value)
+        if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
+            raise ValueError(f"{value!r} is not host[:port][/namespace]")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            url = make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError("not a database URL, e.g. sqlite:///./imagebot.db") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:// and postgresql:// URLs are supported")
+        return value
+
+    @field_validator("github_api_url", "gitlab_url", "public_url")
+    @classmethod
+    def _check_http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        problems = []
+        if self.github_app_id is not None:
+            if self.github_private_key is None and self.github_private_key_path is None:
+                problems.append(
+                    "IMAGEBOT_GITHUB_APP_ID needs IMAGEBOT_GITHUB_PRIVATE_KEY or "
+                    "IMAGEBOT_GITHUB_PRIVATE_KEY_PATH"
+                )
+            if self.github_token is not None:
+                problems.append(
+                    "set either IMAGEBOT_GITHUB_TOKEN or IMAGEBOT_GITHUB_APP_ID, not both"
+                )
+        elif self.github_private_key or self.github_private_key_path:
+            problems.append("a GitHub private key is set but IMAGEBOT_GITHUB_APP_ID is not")
+        if self.github_private_key and self.github_private_key_path:
+            problems.append(
+                "set either IMAGEBOT_GITHUB_PRIVATE_KEY or IMAGEBOT_GITHUB_PRIVATE_KEY_PATH, not both"
+            )
+        path = self.github_private_key_path
+        if path is not None and not path.is_file():
+            problems.append(f"IMAGEBOT_GITHUB_PRIVATE_KEY_PATH: no file at {path}")
+        if (self.registry_username is None) != (self.registry_password is None):
+            problems.append(
+                "IMAGEBOT_REGISTRY_USERNAME and IMAGEBOT_REGISTRY_PASSWORD go together"
+            )
+        if self.registry_credential_helper and self.registry_password is not None:
+            problems.append(
+                "use either IMAGEBOT_REGISTRY_PASSWORD or IMAGEBOT_REGISTRY_CREDENTIAL_HELPER"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def database_url_for_display(self) -> str:
+        """The database URL with any password masked, for logs and start-up banners."""
+        return make_url(self.database_url.get_secret_value()).render_as_string(
+            hide_password=True
+        )
+
+
+def _describe(error: dict) -> list[str]:
+    """One human line per problem, named by the environment variable a user would set."""
+    loc = [str(part) for part in error.get("loc", ()) if not isinstance(part, int)]
+    message = error.get("msg", "invalid")
+    message = message.removeprefix("Value error, ")
+    if not loc:  # a whole-object check: already names its variables
+        return [part.strip() for part in message.split(";")]
+    return [f"IMAGEBOT_{loc[0].upper()}: {message}"]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, or raise :class:`SettingsError` naming every problem at once."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [line for error in exc.errors() for line in _describe(error)]
+        raise SettingsError(problems) from None

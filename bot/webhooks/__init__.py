@@ -1,0 +1,1 @@
+"""Webhook ingress: verify, parse, decide (pure), record (one transaction), answer."""

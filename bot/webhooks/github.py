@@ -1,0 +1,188 @@
+"""GitHub ingress: ``POST /webhooks/github``.
+
+The endpoint verifies and parses; which deliveries build is decided by plain functions of the
+payload, routed by event name with gidgethub's ``Router`` (as bedevere does), so they are
+tested with recorded payloads and no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from gidgethub import sansio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from bot.models import BuildKind
+from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore, Ping
+from bot.webhooks.ingress import (
+    WebhookError,
+    decide,
+    field,
+    parse_payload,
+    read_body,
+    record,
+    required_header,
+    router_for,
+    skip_reason,
+)
+
+PROVIDER = "github"
+PR_ACTIONS = ("opened", "synchronize", "reopened")
+#: The identifier of imagebot's own check-run button ("Retry").
+RETRY_ACTION = "retry"
+
+
+def verify_signature(secret: bytes, body: bytes, header: str | None) -> None:
+    """Check ``X-Hub-Signature-256`` (HMAC-SHA256 of the raw body) in constant time."""
+    if not header:
+        raise WebhookError(401, "missing X-Hub-Signature-256 header", kind="signature")
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), header.strip().encode("utf-8", "replace")):
+        raise WebhookError(401, "X-Hub-Signature-256 does not match the payload", kind="signature")
+
+
+# -- decisions: payload in, Decision out ------------------------------------------------------
+
+
+def _repo_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "provider": PROVIDER,
+        "repo": field(payload, "repository.full_name"),
+        "clone_url": field(payload, "repository.clone_url"),
+        "default_branch": field(payload, "repository.default_branch", optional=True),
+        "installation_id": field(payload, "installation.id", of=int, optional=True),
+    }
+
+
+def push_decision(payload: dict[str, Any]) -> Decision:
+    ref: str = field(payload, "ref")
+    if ref.startswith("refs/heads/"):
+        kind, what = BuildKind.branch, "branch"
+    elif ref.startswith("refs/tags/"):
+        kind, what = BuildKind.tag, "tag"
+    else:
+        return Ignore(f"push to {ref} is neither a branch nor a tag")
+    if payload.get("deleted"):
+        return CancelRef(PROVIDER, field(payload, "repository.full_name"), ref, f"{what} deleted")
+    return BuildRequest(
+        **_repo_fields(payload),
+        ref=ref,
+        sha=field(payload, "after"),
+        kind=kind,
+        trigger="push",
+        skip_reason=skip_reason(field(payload, "head_commit.message", optional=True)),
+    )
+
+
+def pull_request_decision(payload: dict[str, Any]) -> Decision:
+    action = payload.get("action")
+    if action not in PR_ACTIONS:
+        return Ignore(f"pull_request action {action!r} does not build")
+    pr = field(payload, "pull_request", of=dict)
+    number = field(pr, "number", of=int)
+    head_repo = field(pr, "head.repo.full_name", optional=True)
+    return BuildRequest(
+        **_repo_fields(payload),
+        ref=f"refs/pull/{number}/head",
+        sha=field(pr, "head.sha"),
+        kind=BuildKind.pull_request,
+        trigger="pull_request",
+        pr_number=number,
+        # A deleted fork has no head repo; it is still not ours to trust.
+        fork=head_repo is None or head_repo != field(pr, "base.repo.full_name"),
+    )
+
+
+def rerun_decision(payload: dict[str, Any], suite: dict[str, Any], sha: str, trigger: str) -> Decision:
+    """Build ``sha`` again for a check_run/check_suite re-request (or our Retry button)."""
+    pulls = suite.get("pull_requests") or []
+    if pulls and isinstance(pulls, list):
+        pr = pulls[0]
+        if not isinstance(pr, dict):
+            raise WebhookError(400, "payload field pull_requests has the wrong type", kind="payload")
+        head_id = field(pr, "head.repo.id", of=int, optional=True)
+        return BuildRequest(
+            **_repo_fields(payload),
+            ref=f"refs/pull/{field(pr, 'number', of=int)}/head",
+            sha=sha,
+            kind=BuildKind.pull_request,
+            trigger=trigger,
+            pr_number=field(pr, "number", of=int),
+            fork=head_id is None or head_id != field(pr, "base.repo.id", of=int, optional=True),
+        )
+    branch = field(suite, "head_branch", optional=True)
+    if not branch:
+        return Ignore(f"cannot tell which branch {sha} belongs to; push again to rebuild")
+    return BuildRequest(
+        **_repo_fields(payload),
+        ref=f"refs/heads/{branch}",
+        sha=sha,
+        kind=BuildKind.branch,
+        trigger=trigger,
+    )
+
+
+def check_run_decision(payload: dict[str, Any]) -> Decision:
+    action = payload.get("action")
+    if action == "requested_action":
+        identifier = field(payload, "requested_action.identifier", optional=True)
+        if identifier != RETRY_ACTION:
+            return Ignore(f"requested action {identifier!r} is not imagebot's")
+    elif action != "rerequested":
+        return Ignore(f"check_run action {action!r} does not build")
+    run = field(payload, "check_run", of=dict)
+    suite = dict(field(run, "check_suite", of=dict))
+    suite.setdefault("pull_requests", run.get("pull_requests"))
+    return rerun_decision(payload, suite, field(run, "head_sha"), "check_run")
+
+
+def check_suite_decision(payload: dict[str, Any]) -> Decision:
+    action = payload.get("action")
+    if action != "rerequested":
+        return Ignore(f"check_suite action {action!r} does not build")
+    suite = field(payload, "check_suite", of=dict)
+    return rerun_decision(payload, suite, field(suite, "head_sha"), "check_suite")
+
+
+def ping_decision(payload: dict[str, Any]) -> Decision:
+    return Ping(f"pong (hook {payload.get('hook_id')})")
+
+
+router = router_for({
+    "push": push_decision,
+    "pull_request": pull_request_decision,
+    "check_run": check_run_decision,
+    "check_suite": check_suite_decision,
+    "ping": ping_decision,
+})
+
+
+
+# -- the endpoint -----------------------------------------------------------------------------
+
+
+async def webhook(request: Request) -> JSONResponse:
+    settings = request.app.state.settings
+    if settings.github_webhook_secret is None:
+        raise WebhookError(503, "GitHub webhooks are not configured", kind="not_configured")
+    body = await read_body(request, settings.max_payload_bytes)
+    verify_signature(
+        settings.github_webhook_secret.get_secret_value().encode(),
+        body,
+        request.headers.get("x-hub-signature-256"),
+    )
+    event_name = required_header(request, "x-github-event")
+    delivery_id = required_header(request, "x-github-delivery")
+    payload = parse_payload(body, request.headers.get("content-type"))
+    decision = await decide(router, sansio.Event(payload, event=event_name, delivery_id=delivery_id))
+    delivery = DeliveryInfo(
+        provider=PROVIDER,
+        delivery_id=delivery_id,
+        event=event_name,
+        action=payload.get("action") if isinstance(payload.get("action"), str) else None,
+        repo=field(payload, "repository.full_name", optional=True),
+    )
+    return await record(request, delivery, decision)

@@ -1,0 +1,175 @@
+"""What GitHub and GitLab ingress share: bounded body reading, JSON parsing, payload field
+access with clear errors, and recording a decision with the answer it earns."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from gidgethub import sansio
+from gidgethub.routing import Router
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from bot.db import Database
+from bot.models import utcnow
+from bot.queue import Decision, DeliveryInfo, Ignore, Recorded, record_delivery
+
+log = logging.getLogger(__name__)
+
+#: The markers that turn a push into a skipped build, as GitHub Actions and GitLab CI read them.
+SKIP_MARKERS = ("[skip ci]", "[ci skip]", "[no ci]")
+
+#: HTTP status per outcome of a first delivery.
+_STATUS = {"queued": 201, "skipped": 201, "cancelled": 200, "ping": 200, "ignored": 202}
+
+
+class WebhookError(Exception):
+    """A delivery refused with ``status`` and a reason the sender can act on."""
+
+    def __init__(self, status: int, reason: str, kind: str = "bad_request") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.kind = kind
+
+
+def router_for(deciders: dict[str, Callable[[dict[str, Any]], Decision]]) -> Router:
+    """A gidgethub ``Router`` that sends each event name to its pure decision function."""
+    router = Router()
+    for event_name, decide_payload in deciders.items():
+
+        async def handler(event: sansio.Event, out: list[Decision], _decide=decide_payload) -> None:
+            out.append(_decide(event.data))
+
+        router.add(handler, event_name)
+    return router
+
+
+async def decide(router: Router, event: sansio.Event) -> Decision:
+    """What an event asks of imagebot; events nobody handles are ignored, with a reason."""
+    decisions: list[Decision] = []
+    await router.dispatch(event, decisions)
+    return decisions[0] if decisions else Ignore(f"event {event.event!r} does not build")
+
+
+def skip_reason(message: str | None) -> str | None:
+    """The skip marker in a commit message, as the reason a build is skipped, or None."""
+    lowered = (message or "").lower()
+    for marker in SKIP_MARKERS:
+        if marker in lowered:
+            return f"{marker} in the head commit message"
+    return None
+
+
+def field(
+    payload: Any, path: str, *, of: type | tuple[type, ...] = str, optional: bool = False
+) -> Any:
+    """``payload["a"]["b"]`` for ``path`` "a.b", of type ``of``, or a 400 naming the field.
+
+    Payloads are checked where they are read, so that a malformed delivery is refused with a
+    reason instead of failing deeper down.
+    """
+    value = payload
+    for part in path.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            if optional:
+                return None
+            raise WebhookError(400, f"payload has no {path}", kind="payload")
+        value = value[part]
+    if not isinstance(value, of) or (of is int and isinstance(value, bool)):
+        raise WebhookError(400, f"payload field {path} has the wrong type", kind="payload")
+    if isinstance(value, str) and not value.strip():
+        raise WebhookError(400, f"payload field {path} is empty", kind="payload")
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) anything over ``limit`` without reading all of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise WebhookError(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise WebhookError(
+                413, f"payload of {declared} bytes is over the limit of {limit}", kind="too_large"
+            )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise WebhookError(413, f"payload is over the limit of {limit} bytes", kind="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_payload(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """The JSON object of a delivery; GitHub's form encoding (``payload=...``) is accepted too."""
+    if (content_type or "").startswith("application/x-www-form-urlencoded"):
+        form = parse_qs(body.decode("utf-8", "replace"))
+        if "payload" not in form:
+            raise WebhookError(400, "form-encoded delivery has no payload field")
+        text = form["payload"][0]
+    else:
+        text = body
+    try:
+        payload = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebhookError(400, f"payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise WebhookError(400, "payload is not a JSON object")
+    return payload
+
+
+def required_header(request: Request, name: str) -> str:
+    value = request.headers.get(name, "").strip()
+    if not value:
+        raise WebhookError(400, f"missing {name} header")
+    if len(value) > 128:
+        raise WebhookError(400, f"{name} header is longer than 128 characters")
+    return value
+
+
+async def record(request: Request, delivery: DeliveryInfo, decision: Decision) -> JSONResponse:
+    """Store the delivery and its effect in one transaction, then answer the forge."""
+    db: Database = request.app.state.db
+    platforms = request.app.state.settings.platforms
+
+    def work(conn):
+        return record_delivery(conn, delivery, decision, platforms, utcnow())
+
+    try:
+        recorded = await db.write(work)
+    except IntegrityError:
+        # Another process stored the same delivery id between our lookup and insert.
+        recorded = await db.write(work)
+    if recorded.outcome == "queued" and not recorded.duplicate:
+        request.app.state.notify_queued()
+    log.info(
+        "%s delivery %s (%s%s) for %s: %s%s",
+        delivery.provider, delivery.delivery_id, delivery.event,
+        f"/{delivery.action}" if delivery.action else "", delivery.repo, recorded.outcome,
+        " (duplicate)" if recorded.duplicate else "",
+    )
+    return JSONResponse(_answer(delivery, recorded), 200 if recorded.duplicate else _STATUS[recorded.outcome])
+
+
+def _answer(delivery: DeliveryInfo, recorded: Recorded) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "delivery": delivery.delivery_id,
+        "duplicate": recorded.duplicate,
+        "outcome": recorded.outcome,
+    }
+    if recorded.reason:
+        body["reason"] = recorded.reason
+    if recorded.build_id is not None:
+        body["build_id"] = recorded.build_id
+    if recorded.superseded:
+        body["superseded"] = recorded.superseded
+    if recorded.cancelled or recorded.outcome == "cancelled":
+        body["cancelled"] = recorded.cancelled
+    return body
