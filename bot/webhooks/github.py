@@ -82,38 +82,42 @@ def pull_request_decision(payload: dict[str, Any]) -> Decision:
     if action not in PR_ACTIONS:
         return Ignore(f"pull_request action {action!r} does not build")
     pr = field(payload, "pull_request", of=dict)
-    number = field(pr, "number", of=int)
-    head_repo = field(pr, "head.repo.full_name", optional=True)
+    number = field(pr, "number", of=int, at="pull_request")
+    head_repo = field(pr, "head.repo.full_name", optional=True, at="pull_request")
     return BuildRequest(
         **_repo_fields(payload),
         ref=f"refs/pull/{number}/head",
-        sha=field(pr, "head.sha"),
+        sha=field(pr, "head.sha", at="pull_request"),
         kind=BuildKind.pull_request,
         trigger="pull_request",
         pr_number=number,
         # A deleted fork has no head repo; it is still not ours to trust.
-        fork=head_repo is None or head_repo != field(pr, "base.repo.full_name"),
+        fork=head_repo is None
+        or head_repo != field(pr, "base.repo.full_name", at="pull_request"),
     )
 
 
-def rerun_decision(payload: dict[str, Any], suite: dict[str, Any], sha: str, trigger: str) -> Decision:
+def rerun_decision(
+    payload: dict[str, Any], suite: dict[str, Any], sha: str, trigger: str, at: str
+) -> Decision:
     """Build ``sha`` again for a check_run/check_suite re-request (or our Retry button)."""
-    pulls = suite.get("pull_requests") or []
-    if pulls and isinstance(pulls, list):
-        pr = pulls[0]
+    pulls = field(suite, "pull_requests", of=list, optional=True, at=at) or []
+    if pulls:
+        pr, where = pulls[0], f"{at}.pull_requests[0]"
         if not isinstance(pr, dict):
-            raise WebhookError(400, "payload field pull_requests has the wrong type", kind="payload")
-        head_id = field(pr, "head.repo.id", of=int, optional=True)
+            raise WebhookError(400, f"payload field {where} has the wrong type", kind="payload")
+        number = field(pr, "number", of=int, at=where)
+        head_id = field(pr, "head.repo.id", of=int, optional=True, at=where)
         return BuildRequest(
             **_repo_fields(payload),
-            ref=f"refs/pull/{field(pr, 'number', of=int)}/head",
+            ref=f"refs/pull/{number}/head",
             sha=sha,
             kind=BuildKind.pull_request,
             trigger=trigger,
-            pr_number=field(pr, "number", of=int),
-            fork=head_id is None or head_id != field(pr, "base.repo.id", of=int, optional=True),
+            pr_number=number,
+            fork=head_id is None or head_id != field(pr, "base.repo.id", of=int, optional=True, at=where),
         )
-    branch = field(suite, "head_branch", optional=True)
+    branch = field(suite, "head_branch", optional=True, at=at)
     if not branch:
         return Ignore(f"cannot tell which branch {sha} belongs to; push again to rebuild")
     return BuildRequest(
@@ -134,9 +138,10 @@ def check_run_decision(payload: dict[str, Any]) -> Decision:
     elif action != "rerequested":
         return Ignore(f"check_run action {action!r} does not build")
     run = field(payload, "check_run", of=dict)
-    suite = dict(field(run, "check_suite", of=dict))
+    suite = dict(field(run, "check_suite", of=dict, at="check_run"))
     suite.setdefault("pull_requests", run.get("pull_requests"))
-    return rerun_decision(payload, suite, field(run, "head_sha"), "check_run")
+    sha = field(run, "head_sha", at="check_run")
+    return rerun_decision(payload, suite, sha, "check_run", at="check_run.check_suite")
 
 
 def check_suite_decision(payload: dict[str, Any]) -> Decision:
@@ -144,7 +149,8 @@ def check_suite_decision(payload: dict[str, Any]) -> Decision:
     if action != "rerequested":
         return Ignore(f"check_suite action {action!r} does not build")
     suite = field(payload, "check_suite", of=dict)
-    return rerun_decision(payload, suite, field(suite, "head_sha"), "check_suite")
+    sha = field(suite, "head_sha", at="check_suite")
+    return rerun_decision(payload, suite, sha, "check_suite", at="check_suite")
 
 
 def ping_decision(payload: dict[str, Any]) -> Decision:

@@ -67,24 +67,30 @@ def skip_reason(message: str | None) -> str | None:
 
 
 def field(
-    payload: Any, path: str, *, of: type | tuple[type, ...] = str, optional: bool = False
+    payload: Any,
+    path: str,
+    *,
+    of: type | tuple[type, ...] = str,
+    optional: bool = False,
+    at: str | None = None,
 ) -> Any:
     """``payload["a"]["b"]`` for ``path`` "a.b", of type ``of``, or a 400 naming the field.
 
     Payloads are checked where they are read, so that a malformed delivery is refused with a
-    reason instead of failing deeper down.
+    reason instead of failing deeper down. ``at`` names where ``payload`` sits in the delivery.
     """
+    name = f"{at}.{path}" if at else path
     value = payload
     for part in path.split("."):
         if not isinstance(value, dict) or value.get(part) is None:
             if optional:
                 return None
-            raise WebhookError(400, f"payload has no {path}", kind="payload")
+            raise WebhookError(400, f"payload has no {name}", kind="payload")
         value = value[part]
     if not isinstance(value, of) or (of is int and isinstance(value, bool)):
-        raise WebhookError(400, f"payload field {path} has the wrong type", kind="payload")
+        raise WebhookError(400, f"payload field {name} has the wrong type", kind="payload")
     if isinstance(value, str) and not value.strip():
-        raise WebhookError(400, f"payload field {path} is empty", kind="payload")
+        raise WebhookError(400, f"payload field {name} is empty", kind="payload")
     return value
 
 

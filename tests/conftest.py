@@ -1,0 +1,94 @@
+"""Shared fixtures. Real parts only: tests that need a service start it through scripts/infra,
+which installs (as root on Debian) and starts it idempotently."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from starlette.testclient import TestClient
+
+from bot import db as dbmod
+from bot.app import create_app
+from tests.support import infra, make_settings
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    return infra("postgres")["IMAGEBOT_TEST_POSTGRES_URL"]
+
+
+# -- databases: every DB test runs on SQLite and on PostgreSQL --------------------------------
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, copied per test (migrating each time would be slow)."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    dbmod.upgrade(f"sqlite:///{path}")
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:  # fold the WAL into the main file before copying it
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_url: str) -> str:
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    dbmod.upgrade(postgres_url)
+    return postgres_url
+
+
+def _truncate(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("TRUNCATE telemetry_events, deliveries, builds RESTART IDENTITY CASCADE")
+        )
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        path = tmp_path / "imagebot.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("migrated_postgres")
+    _truncate(url)
+    return url
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[dbmod.Database]:
+    database = dbmod.Database(db_url)
+    yield database
+    database.close()
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_imagebot_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their settings explicitly; the developer's IMAGEBOT_* must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("IMAGEBOT_") and not name.startswith("IMAGEBOT_INFRA"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def client(db: dbmod.Database, db_url: str) -> Iterator[TestClient]:
+    """The app without its worker, on the test's database (SQLite and PostgreSQL)."""
+    app = create_app(make_settings(db_url), run_worker=False, db=db)
+    with TestClient(app, raise_server_exceptions=True) as test_client:
+        yield test_client

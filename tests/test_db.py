@@ -1,0 +1,76 @@
+"""The database layer: migrations match the models, SQLite runs in WAL with a busy timeout,
+and group commits isolate a failing piece of work."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel
+
+from bot import db as dbmod
+from bot.models import deliveries, utcnow
+
+
+def test_migrations_match_the_models(db):
+    with db.writer_engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert diff == []
+
+
+def test_upgrade_is_idempotent(db_url):
+    dbmod.upgrade(db_url)
+    dbmod.upgrade(db_url)
+
+
+def test_sqlite_pragmas(tmp_path):
+    database = dbmod.Database(f"sqlite:///{tmp_path / 'x.db'}")
+    mode, timeout = database.read_sync(
+        lambda c: (c.exec_driver_sql("PRAGMA journal_mode").scalar(), c.exec_driver_sql("PRAGMA busy_timeout").scalar())
+    )
+    database.close()
+    assert (mode, timeout) == ("wal", dbmod.SQLITE_BUSY_TIMEOUT_MS)
+
+
+def _delivery(delivery_id: str):
+    def work(conn):
+        conn.execute(insert(deliveries).values(
+            provider="github", delivery_id=delivery_id, event="push", received_at=utcnow(), outcome="ignored",
+        ))
+        return delivery_id
+    return work
+
+
+def test_group_commit_isolates_a_failing_piece(db):
+    """Many writes queued at once share commits; a duplicate key fails alone."""
+    db.write_sync(_delivery("taken"))
+    gate = threading.Event()
+    db.submit(lambda conn: gate.wait(10))  # hold the writer so the next ones queue up together
+    futures = [db.submit(_delivery(f"d{i}")) for i in range(10)]
+    futures.insert(5, db.submit(_delivery("taken")))
+    gate.set()
+    results = []
+    for future in futures:
+        try:
+            results.append(future.result(timeout=30))
+        except IntegrityError:
+            results.append("integrity")
+    assert results == [f"d{i}" for i in range(5)] + ["integrity"] + [f"d{i}" for i in range(5, 10)]
+    stored = db.read_sync(lambda c: sorted(r.delivery_id for r in c.execute(select(deliveries.c.delivery_id))))
+    assert stored == sorted(["taken", *[f"d{i}" for i in range(10)]])
+
+
+def test_read_and_ping(db):
+    db.ping()
+    assert db.read_sync(lambda c: c.execute(text("SELECT 41 + 1")).scalar_one()) == 42
+
+
+def test_closed_database_finishes_queued_writes(db_url):
+    database = dbmod.Database(db_url)
+    future = database.submit(_delivery("last"))
+    database.close()
+    assert future.result(timeout=1) == "last"

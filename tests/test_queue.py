@@ -1,0 +1,132 @@
+"""The queue's statements, on SQLite and PostgreSQL, with explicit times (no clock, no sleeps)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from bot import queue
+from bot.db import Database
+from bot.models import BuildKind, BuildStatus, builds
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=30)
+
+
+def request(ref: str = "refs/heads/main", sha: str = "a" * 40, **kw) -> queue.BuildRequest:
+    return queue.BuildRequest(
+        provider="github", repo="acme/app", clone_url="https://example.test/acme/app.git",
+        ref=ref, sha=sha, kind=BuildKind.branch, trigger="push", **kw,
+    )
+
+
+def enqueue(db: Database, *reqs: queue.BuildRequest) -> list[int]:
+    ids = []
+    for n, req in enumerate(reqs):
+        info = queue.DeliveryInfo("github", f"d{len(ids)}-{n}-{req.ref}-{req.sha}", "push", None, "acme/app")
+        ids.append(db.write_sync(lambda c: queue.record_delivery(c, info, req, ["linux/amd64"], T0)).build_id)
+    return ids
+
+
+def status_of(db: Database, build_id: int) -> str:
+    return db.read_sync(lambda c: c.execute(select(builds.c.status).where(builds.c.id == build_id)).scalar_one())
+
+
+def test_claim_takes_the_oldest_and_sets_the_lease(db):
+    first, second = enqueue(db, request(ref="refs/heads/a"), request(ref="refs/heads/b"))
+    build = db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))
+    assert build.id == first and build.status == BuildStatus.running
+    assert build.lease_owner == "w1" and build.lease_expires_at == T0 + LEASE
+    assert build.started_at == T0 and build.attempts == 1
+    assert db.write_sync(lambda c: queue.claim(c, "w2", LEASE, T0)).id == second
+    assert db.write_sync(lambda c: queue.claim(c, "w3", LEASE, T0)) is None
+
+
+def test_concurrent_claims_never_hand_out_a_build_twice(db_url):
+    """Several processes' worth of claimers (own Database each), racing over 30 builds."""
+    setup = Database(db_url)
+    ids = enqueue(setup, *[request(ref=f"refs/heads/b{i}") for i in range(30)])
+    setup.close()
+    claimed: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def claimer(name: str) -> None:
+        database = Database(db_url)
+        start.wait()
+        while (build := database.write_sync(lambda c: queue.claim(c, name, LEASE, T0))) is not None:
+            with lock:
+                claimed.append(build.id)
+        database.close()
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(claimed) == ids
+
+
+def test_renew_extends_only_held_leases(db):
+    a, b = enqueue(db, request(ref="refs/heads/a"), request(ref="refs/heads/b"))
+    db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))
+    db.write_sync(lambda c: queue.claim(c, "w2", LEASE, T0))
+    later = T0 + timedelta(seconds=10)
+    held = db.write_sync(lambda c: queue.renew(c, "w1", [a, b], LEASE, later))
+    assert held == {a}
+    expires = db.read_sync(lambda c: c.execute(select(builds.c.lease_expires_at).where(builds.c.id == a)).scalar_one())
+    assert expires == later + LEASE
+
+
+def test_recover_requeues_expired_then_fails_after_max_attempts(db):
+    (build_id,) = enqueue(db, request())
+    now = T0
+    for attempt in (1, 2):
+        assert db.write_sync(lambda c: queue.claim(c, "dead", LEASE, now)).attempts == attempt
+        # not yet expired: nothing happens
+        assert db.write_sync(lambda c: queue.recover(c, 2, now + LEASE)) == queue.Recovered([], [])
+        now = now + LEASE + timedelta(seconds=1)
+        result = db.write_sync(lambda c: queue.recover(c, 2, now))
+        if attempt == 1:
+            assert result == queue.Recovered([build_id], [])
+            assert status_of(db, build_id) == "queued"
+    assert result == queue.Recovered([], [build_id])
+    row = db.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == build_id)).one())
+    assert row.status == "failed" and row.error_kind == "lease_expired"
+    assert "2 time(s)" in row.error_message and row.lease_owner is None and row.finished_at == now
+
+
+def test_finish_only_by_the_holder(db):
+    (build_id,) = enqueue(db, request())
+    db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))
+    assert not db.write_sync(lambda c: queue.finish(c, build_id, "w2", BuildStatus.succeeded, T0))
+    assert db.write_sync(
+        lambda c: queue.finish(c, build_id, "w1", BuildStatus.failed, T0, "network", "reset")
+    )
+    row = db.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == build_id)).one())
+    assert (row.status, row.error_kind, row.error_message, row.lease_owner) == ("failed", "network", "reset", None)
+    # finished builds cannot be finished again
+    assert not db.write_sync(lambda c: queue.finish(c, build_id, "w1", BuildStatus.succeeded, T0))
+
+
+def test_release_gives_the_build_back_without_counting_the_attempt(db):
+    (build_id,) = enqueue(db, request())
+    db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))
+    assert db.write_sync(lambda c: queue.release(c, build_id, "w1"))
+    row = db.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == build_id)).one())
+    assert (row.status, row.attempts, row.started_at, row.lease_owner) == ("queued", 0, None, None)
+
+
+def test_supersede_touches_queued_builds_only(db):
+    first, = enqueue(db, request(sha="1" * 40))
+    db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))  # first is now running
+    second, = enqueue(db, request(sha="2" * 40))
+    third, = enqueue(db, request(sha="3" * 40))
+    assert [status_of(db, i) for i in (first, second, third)] == ["running", "superseded", "queued"]
+
+
+def test_queue_depth(db):
+    enqueue(db, request(ref="refs/heads/a"), request(ref="refs/heads/b"), request(skip_reason="[skip ci]"))
+    assert db.read_sync(queue.queue_depth) == 2
