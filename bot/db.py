@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,7 +28,12 @@ from sqlalchemy.engine import make_url
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+I = TypeVar("I")
 Work = Callable[[Connection], T]
+#: Work that can be combined: one call for many items, one result per item, in order.
+BatchWork = Callable[[Connection, list[I]], list[T]]
+
+_PLAIN = object()  # the item of a plain (not batchable) job
 
 #: Seconds a SQLite connection waits for another process's write lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -78,7 +84,9 @@ class Database:
     ``fn`` takes a SQLAlchemy ``Connection`` inside a transaction and returns a value. Work
     given to ``write`` must touch nothing but the database: when a batch fails it is rolled
     back and each piece is run again in a transaction of its own, so that one bad piece fails
-    alone.
+    alone. ``write_item(batch_fn, item)`` is for the hot path: items queued together for the
+    same ``batch_fn`` are handed to it in one call, so its statements run once per group
+    commit instead of once per item.
     """
 
     def __init__(self, url: str) -> None:
@@ -86,7 +94,7 @@ class Database:
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self.writer_engine = make_engine(url, writer=True)
         self.reader_engine = make_engine(url, writer=False) if self.is_sqlite else self.writer_engine
-        self._queue: queue.SimpleQueue[tuple[Work, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="imagebot-db-writer", daemon=True)
         self._thread.start()
 
@@ -102,7 +110,16 @@ class Database:
 
     def submit(self, work: Work[T]) -> Future:
         future: Future = Future()
-        self._queue.put((work, future))
+        self._queue.put(_Job(work, _PLAIN, future))
+        return future
+
+    async def write_item(self, batch_work: BatchWork[I, T], item: I) -> T:
+        """Run ``batch_work(conn, [..., item, ...])`` in the next group commit; its result."""
+        return await asyncio.wrap_future(self.submit_item(batch_work, item))
+
+    def submit_item(self, batch_work: BatchWork[I, T], item: I) -> Future:
+        future: Future = Future()
+        self._queue.put(_Job(batch_work, item, future))
         return future
 
     async def read(self, work: Work[T]) -> T:
@@ -128,6 +145,7 @@ class Database:
     # -- the writer thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The writer thread: take what has queued up (at most MAX_BATCH), commit it at once."""
         while True:
             item = self._queue.get()
             if item is None:
@@ -147,32 +165,60 @@ class Database:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Work, Future]]) -> None:
-        live = [(work, fut) for work, fut in batch if fut.set_running_or_notify_cancel()]
+    def _commit(self, batch: list[_Job]) -> None:
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not live:
             return
         try:
             with self.writer_engine.begin() as conn:
-                results = [work(conn) for work, _ in live]
+                results = _run_jobs(conn, live)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
             if len(live) == 1:
-                live[0][1].set_exception(exc)
+                live[0].future.set_exception(exc)
                 return
             log.debug("group commit of %d failed (%s); retrying one by one", len(live), exc)
-            for work, fut in live:
-                self._commit_one(work, fut)
+            for job in live:
+                self._commit_one(job)
             return
-        for (_, fut), result in zip(live, results, strict=True):
-            fut.set_result(result)
+        for job, result in zip(live, results, strict=True):
+            job.future.set_result(result)
 
-    def _commit_one(self, work: Work, fut: Future) -> None:
+    def _commit_one(self, job: _Job) -> None:
         try:
             with self.writer_engine.begin() as conn:
-                result = work(conn)
+                (result,) = _run_jobs(conn, [job])
         except BaseException as exc:  # noqa: BLE001
-            fut.set_exception(exc)
+            job.future.set_exception(exc)
         else:
-            fut.set_result(result)
+            job.future.set_result(result)
+
+
+@dataclass(frozen=True)
+class _Job:
+    work: Callable
+    item: object
+    future: Future
+
+
+def _run_jobs(conn: Connection, jobs: list[_Job]) -> list:
+    """Run jobs in order; consecutive items of the same batch work go in one call."""
+    results: list = []
+    i = 0
+    while i < len(jobs):
+        job = jobs[i]
+        if job.item is _PLAIN:
+            results.append(job.work(conn))
+            i += 1
+            continue
+        j = i
+        while j < len(jobs) and jobs[j].work is job.work and jobs[j].item is not _PLAIN:
+            j += 1
+        outputs = job.work(conn, [jobs[k].item for k in range(i, j)])
+        if len(outputs) != j - i:
+            raise RuntimeError(f"{job.work!r} returned {len(outputs)} results for {j - i} items")
+        results.extend(outputs)
+        i = j
+    return results
 
 
 def alembic_config(url: str):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from bot.models import Build, BuildKind, BuildStatus, builds, deliveries
 
@@ -87,6 +87,57 @@ class Recorded:
 
 
 # -- webhook side -----------------------------------------------------------------------------
+#
+# Deliveries are recorded a group commit at a time (bot.db.Database.write_item): a handful of
+# set-based statements per batch, however many deliveries it holds, with the rules applied in
+# arrival order. The statements are built once, with bind parameters, because building one
+# with inline values costs SQLAlchemy more than SQLite takes to run it.
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A verified delivery, what it asks for, and when it arrived."""
+
+    delivery: DeliveryInfo
+    decision: Decision
+    platforms: list[str]
+    received_at: datetime
+
+
+_EARLIER_DELIVERIES = select(
+    deliveries.c.provider, deliveries.c.delivery_id, deliveries.c.outcome,
+    deliveries.c.reason, deliveries.c.build_id,
+).where(
+    # provider first: the unique index on (provider, delivery_id) answers this
+    deliveries.c.provider == bindparam("provider"),
+    deliveries.c.delivery_id.in_(bindparam("ids", expanding=True)),
+)
+_INSERT_BUILDS = insert(builds).returning(builds.c.id, sort_by_parameter_order=True)
+_INSERT_DELIVERIES = insert(deliveries)
+#: Queued builds of the refs a batch touches, locked so no worker claims them meanwhile.
+_QUEUED_OF_REFS = (
+    select(builds.c.id, builds.c.provider, builds.c.repo, builds.c.ref)
+    .where(
+        builds.c.status == BuildStatus.queued.value,
+        builds.c.repo.in_(bindparam("repos", expanding=True)),
+        builds.c.ref.in_(bindparam("refs", expanding=True)),
+    )
+    .order_by(builds.c.id)
+    .with_for_update()
+)
+_END_BUILD = (
+    update(builds)
+    .where(builds.c.id == bindparam("w_id"), builds.c.status == BuildStatus.queued.value)
+    .values(
+        status=bindparam("w_status"),
+        finished_at=bindparam("w_now"),
+        error_message=bindparam("w_message"),
+    )
+)
+_BUILD_FIELDS = (
+    "provider", "repo", "clone_url", "ref", "sha", "trigger", "pr_number", "fork",
+    "default_branch", "installation_id",
+)
 
 
 def record_delivery(
@@ -96,104 +147,137 @@ def record_delivery(
     platforms: list[str],
     now: datetime,
 ) -> Recorded:
-    """Store the delivery and what it causes, unless it was delivered before."""
-    if delivery.delivery_id is not None:
-        earlier = conn.execute(
-            select(deliveries.c.outcome, deliveries.c.reason, deliveries.c.build_id).where(
-                deliveries.c.provider == delivery.provider,
-                deliveries.c.delivery_id == delivery.delivery_id,
-            )
-        ).first()
-        if earlier is not None:
-            return Recorded(earlier.outcome, earlier.reason, earlier.build_id, duplicate=True)
-
-    recorded = _apply(conn, decision, platforms, now)
-    conn.execute(
-        insert(deliveries).values(
-            provider=delivery.provider,
-            delivery_id=delivery.delivery_id,
-            event=delivery.event,
-            action=delivery.action,
-            repo=delivery.repo,
-            received_at=now,
-            outcome=recorded.outcome,
-            reason=recorded.reason and recorded.reason[:500],
-            build_id=recorded.build_id,
-        )
-    )
-    return recorded
+    """Store one delivery and what it causes, unless it was delivered before."""
+    return record_deliveries(conn, [Incoming(delivery, decision, platforms, now)])[0]
 
 
-def _apply(conn: Connection, decision: Decision, platforms: list[str], now: datetime) -> Recorded:
-    match decision:
-        case BuildRequest(skip_reason=str(reason)):
-            build_id = _insert_build(conn, decision, platforms, BuildStatus.skipped, now)
-            return Recorded("skipped", reason, build_id)
-        case BuildRequest():
-            build_id = _insert_build(conn, decision, platforms, BuildStatus.queued, now)
-            superseded = _end_queued(
-                conn, decision.provider, decision.repo, decision.ref, BuildStatus.superseded,
-                f"superseded by build {build_id}", now, except_id=build_id,
-            )
-            return Recorded("queued", None, build_id, superseded=superseded)
-        case CancelRef():
-            cancelled = _end_queued(
-                conn, decision.provider, decision.repo, decision.ref, BuildStatus.cancelled,
-                decision.reason, now,
-            )
-            return Recorded("cancelled", decision.reason, cancelled=cancelled)
-        case Ping():
-            return Recorded("ping", decision.reason)
-        case Ignore():
-            return Recorded("ignored", decision.reason)
-    raise TypeError(f"not a decision: {decision!r}")
+def record_deliveries(conn: Connection, batch: list[Incoming]) -> list[Recorded]:
+    """Store deliveries and what they cause, as if one after the other, in few statements."""
+    earlier = _earlier_deliveries(conn, batch)
+    first_of: dict[tuple[str, str], int] = {}
+    fresh: list[int] = []
+    for i, incoming in enumerate(batch):
+        key = (incoming.delivery.provider, incoming.delivery.delivery_id)
+        if incoming.delivery.delivery_id is None or (key not in earlier and key not in first_of):
+            if incoming.delivery.delivery_id is not None:
+                first_of[key] = i
+            fresh.append(i)
+
+    build_ids = _insert_builds(conn, [batch[i] for i in fresh])
+    results = _apply_in_order(conn, batch, fresh, build_ids)
+    if fresh:
+        conn.execute(_INSERT_DELIVERIES, [_delivery_row(batch[i], results[i]) for i in fresh])
+
+    for i, incoming in enumerate(batch):
+        if i not in results:  # a redelivery: of an earlier batch, or earlier in this one
+            key = (incoming.delivery.provider, incoming.delivery.delivery_id)
+            original = earlier.get(key) or results[first_of[key]]
+            results[i] = Recorded(original.outcome, original.reason, original.build_id, duplicate=True)
+    return [results[i] for i in range(len(batch))]
 
 
-def _insert_build(
-    conn: Connection, request: BuildRequest, platforms: list[str], status: BuildStatus,
-    now: datetime,
-) -> int:
-    values = {
-        name: getattr(request, name)
-        for name in (
-            "provider", "repo", "clone_url", "ref", "sha", "kind", "trigger", "pr_number",
-            "fork", "default_branch", "installation_id",
-        )
+def _earlier_deliveries(conn: Connection, batch: list[Incoming]) -> dict[tuple[str, str], Recorded]:
+    ids_by_provider: dict[str, set[str]] = {}
+    for incoming in batch:
+        if incoming.delivery.delivery_id is not None:
+            ids_by_provider.setdefault(incoming.delivery.provider, set()).add(incoming.delivery.delivery_id)
+    return {
+        (row.provider, row.delivery_id): Recorded(row.outcome, row.reason, row.build_id)
+        for provider, ids in ids_by_provider.items()
+        for row in conn.execute(_EARLIER_DELIVERIES, {"provider": provider, "ids": sorted(ids)})
     }
-    values["kind"] = request.kind.value
-    return conn.execute(
-        insert(builds)
-        .values(
-            **values,
-            status=status.value,
-            platforms=platforms,
-            created_at=now,
-            finished_at=now if status.final else None,
-            error_message=request.skip_reason,
-        )
-        .returning(builds.c.id)
-    ).scalar_one()
 
 
-def _end_queued(
-    conn: Connection, provider: str, repo: str, ref: str, status: BuildStatus, message: str,
-    now: datetime, except_id: int | None = None,
-) -> list[int]:
-    condition = [
-        builds.c.provider == provider,
-        builds.c.repo == repo,
-        builds.c.ref == ref,
-        builds.c.status == BuildStatus.queued.value,
-    ]
-    if except_id is not None:
-        condition.append(builds.c.id != except_id)
-    rows = conn.execute(
-        update(builds)
-        .where(*condition)
-        .values(status=status.value, finished_at=now, error_message=message[:2000])
-        .returning(builds.c.id)
+def _insert_builds(conn: Connection, batch: list[Incoming]) -> dict[int, int]:
+    """Insert the builds the batch asks for; map position in ``batch`` to build id."""
+    wanted = [(n, i) for n, i in enumerate(batch) if isinstance(i.decision, BuildRequest)]
+    if not wanted:
+        return {}
+    rows = conn.execute(_INSERT_BUILDS, [_build_row(i) for _, i in wanted]).all()
+    return {n: row.id for (n, _), row in zip(wanted, rows, strict=True)}
+
+
+def _build_row(incoming: Incoming) -> dict:
+    request = incoming.decision
+    assert isinstance(request, BuildRequest)
+    status = BuildStatus.skipped if request.skip_reason else BuildStatus.queued
+    row = {name: getattr(request, name) for name in _BUILD_FIELDS}
+    row.update(
+        kind=request.kind.value,
+        status=status.value,
+        platforms=incoming.platforms,
+        created_at=incoming.received_at,
+        finished_at=incoming.received_at if status.final else None,
+        error_message=request.skip_reason,
+        attempts=0,
     )
-    return sorted(row.id for row in rows)
+    return row
+
+
+def _apply_in_order(
+    conn: Connection, batch: list[Incoming], fresh: list[int], build_ids: dict[int, int]
+) -> dict[int, Recorded]:
+    """Supersede and cancel as sequential processing would, then write the endings at once."""
+    touched = [
+        d for d in (batch[i].decision for i in fresh)
+        if isinstance(d, CancelRef) or (isinstance(d, BuildRequest) and not d.skip_reason)
+    ]
+    queued: dict[tuple[str, str, str], list[int]] = {}
+    if touched:
+        new = set(build_ids.values())  # the batch's own builds join the queue in order below
+        rows = conn.execute(_QUEUED_OF_REFS, {
+            "repos": sorted({d.repo for d in touched}), "refs": sorted({d.ref for d in touched}),
+        })
+        for row in rows:
+            if row.id not in new:
+                queued.setdefault((row.provider, row.repo, row.ref), []).append(row.id)
+
+    results: dict[int, Recorded] = {}
+    endings: list[dict] = []
+    for n, i in enumerate(fresh):
+        decision, now = batch[i].decision, batch[i].received_at
+        match decision:
+            case BuildRequest(skip_reason=str(reason)):
+                results[i] = Recorded("skipped", reason, build_ids[n])
+            case BuildRequest():
+                key = (decision.provider, decision.repo, decision.ref)
+                ended = queued.get(key, [])
+                queued[key] = [build_ids[n]]
+                message = f"superseded by build {build_ids[n]}"
+                endings += [_ending(b, BuildStatus.superseded, message, now) for b in ended]
+                results[i] = Recorded("queued", None, build_ids[n], superseded=ended)
+            case CancelRef():
+                ended = queued.pop((decision.provider, decision.repo, decision.ref), [])
+                endings += [_ending(b, BuildStatus.cancelled, decision.reason, now) for b in ended]
+                results[i] = Recorded("cancelled", decision.reason, cancelled=ended)
+            case Ping():
+                results[i] = Recorded("ping", decision.reason)
+            case Ignore():
+                results[i] = Recorded("ignored", decision.reason)
+            case _:
+                raise TypeError(f"not a decision: {decision!r}")
+    if endings:
+        conn.execute(_END_BUILD, endings)
+    return results
+
+
+def _ending(build_id: int, status: BuildStatus, message: str, now: datetime) -> dict:
+    return {"w_id": build_id, "w_status": status.value, "w_now": now, "w_message": message[:2000]}
+
+
+def _delivery_row(incoming: Incoming, recorded: Recorded) -> dict:
+    delivery = incoming.delivery
+    return {
+        "provider": delivery.provider,
+        "delivery_id": delivery.delivery_id,
+        "event": delivery.event,
+        "action": delivery.action,
+        "repo": delivery.repo,
+        "received_at": incoming.received_at,
+        "outcome": recorded.outcome,
+        "reason": recorded.reason and recorded.reason[:500],
+        "build_id": recorded.build_id,
+    }
 
 
 # -- worker side ------------------------------------------------------------------------------

@@ -88,3 +88,76 @@ def post_gitlab(
     if delivery is not None:
         headers["idempotency-key"] = delivery
     return client.post("/webhooks/gitlab", content=json.dumps(payload).encode(), headers=headers)
+
+
+# -- the bot as a real process ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BotProcess:
+    """``imagebot ARGS`` as a child process with its own env and log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        import os
+        import sys
+
+        self.args = args
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_")}, **env}
+        self.log_path = log_path
+        self.command = [sys.executable, "-m", "bot.cli", *args]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> BotProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=log, cwd=ROOT)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, url: str, timeout: float = 30.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"imagebot exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)  # polling a readiness condition with a deadline
+        pytest.fail(f"imagebot did not become healthy in {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int | None = None, timeout: float = 60.0) -> int:
+        import signal
+
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value (a bounded wait on a condition)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")

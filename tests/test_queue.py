@@ -130,3 +130,69 @@ def test_supersede_touches_queued_builds_only(db):
 def test_queue_depth(db):
     enqueue(db, request(ref="refs/heads/a"), request(ref="refs/heads/b"), request(skip_reason="[skip ci]"))
     assert db.read_sync(queue.queue_depth) == 2
+
+
+def _random_stream(seed: int, length: int = 40) -> list[queue.Incoming]:
+    """Pushes, deletions, skips, pings and redeliveries over a few refs, in random order."""
+    import random
+
+    rng = random.Random(seed)
+    stream = []
+    for n in range(length):
+        ref = rng.choice(["refs/heads/a", "refs/heads/b", "refs/tags/v1"])
+        roll = rng.random()
+        if roll < 0.55:
+            decision = request(ref=ref, sha=f"{n:040x}")
+        elif roll < 0.65:
+            decision = request(ref=ref, sha=f"{n:040x}", skip_reason="[skip ci] in the head commit message")
+        elif roll < 0.8:
+            decision = queue.CancelRef("github", "acme/app", ref, "branch deleted")
+        elif roll < 0.9:
+            decision = queue.Ping()
+        else:
+            decision = queue.Ignore("event 'x' does not build")
+        delivery_id = rng.choice([f"id-{n}", f"id-{n}", f"id-{rng.randrange(max(n, 1))}", None])
+        info = queue.DeliveryInfo("github", delivery_id, "push", None, "acme/app")
+        stream.append(queue.Incoming(info, decision, ["linux/amd64"], T0 + timedelta(seconds=n)))
+    return stream
+
+
+def _snapshot(db: Database):
+    from bot.models import deliveries
+
+    def read(conn):
+        b = [tuple(r) for r in conn.execute(
+            select(builds.c.id, builds.c.ref, builds.c.sha, builds.c.status, builds.c.error_message).order_by(builds.c.id))]
+        d = [tuple(r) for r in conn.execute(
+            select(deliveries.c.delivery_id, deliveries.c.outcome, deliveries.c.build_id).order_by(deliveries.c.id))]
+        return b, d
+    return db.read_sync(read)
+
+
+def _reset(url: str) -> None:
+    """Empty the tables; ids start again at 1 on both databases."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        if url.startswith("sqlite"):
+            for table in ("telemetry_events", "deliveries", "builds"):
+                conn.execute(text(f"DELETE FROM {table}"))
+        else:
+            conn.execute(text("TRUNCATE telemetry_events, deliveries, builds RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+def test_a_batch_records_exactly_what_one_by_one_would(db):
+    """Group commits must not change the rules: supersede, cancel, skip and dedupe in order."""
+    for seed in range(6):
+        stream = _random_stream(seed)
+        got = db.write_sync(lambda c: queue.record_deliveries(c, stream))
+        got_state = _snapshot(db)
+        _reset(db.url)
+        want = [db.write_sync(lambda c, i=i: queue.record_deliveries(c, [i]))[0] for i in stream]
+        assert got == want, f"seed {seed}"
+        assert got_state == _snapshot(db), f"seed {seed}"
+        assert any(r.duplicate for r in got) and any(r.superseded for r in got)
+        assert any(r.cancelled for r in got) and any(r.outcome == "skipped" for r in got)
+        _reset(db.url)

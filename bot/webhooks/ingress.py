@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 
 from bot.db import Database
 from bot.models import utcnow
-from bot.queue import Decision, DeliveryInfo, Ignore, Recorded, record_delivery
+from bot.queue import Decision, DeliveryInfo, Ignore, Incoming, Recorded, record_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,12 @@ async def record(request: Request, delivery: DeliveryInfo, decision: Decision) -
     db: Database = request.app.state.db
     platforms = request.app.state.settings.platforms
 
-    def work(conn):
-        return record_delivery(conn, delivery, decision, platforms, utcnow())
-
+    incoming = Incoming(delivery, decision, platforms, utcnow())
     try:
-        recorded = await db.write(work)
+        recorded = await db.write_item(record_deliveries, incoming)
     except IntegrityError:
         # Another process stored the same delivery id between our lookup and insert.
-        recorded = await db.write(work)
+        recorded = await db.write_item(record_deliveries, incoming)
     if recorded.outcome == "queued" and not recorded.duplicate:
         request.app.state.notify_queued()
     log.info(

@@ -14,9 +14,12 @@ sides to that description:
 Typical use::
 
     with GitHubStandIn(tokens={"t0k"}) as github:
-        ...  # point the bot at github.url
+        ...  # point the bot at github.url (gidgethub: base_url=github.url)
         assert github.statuses[("octo", "repo", sha)][-1]["state"] == "success"
         github.assert_no_violations()
+
+For many tests, keep one running instance per module and call :meth:`GitHubStandIn.reset`
+before each test.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ FIRST_ID = 2**31 + 1
 MAX_JWT_LIFETIME = 600
 JWT_CLOCK_DRIFT = 60
 STATUS_DESCRIPTION_MAX = 140  # GitHub's real 422; the OpenAPI description does not say it.
+JSON_UTF8 = "application/json; charset=utf-8"
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
 
@@ -384,13 +388,18 @@ class GitHubStandIn:
         self._suites: dict[tuple[str, str, str], int] = {}
         self._ids = itertools.count(FIRST_ID)
         self._seq = itertools.count(1)
-        self._lock = threading.Lock()
+        # Re-entrant: request handling holds it throughout, so reset() from the test thread is
+        # atomic with respect to requests, and handling may record violations under it.
+        self._lock = threading.RLock()
         self._rate_used = 0
         self._rate_reset = int(time.time()) + 3600
+        self._defaults = (set(self.tokens), self.token_ttl_seconds, self.delay, dict(self.app_permissions),
+                          self.rate_limit)
+        self._generation = 0
+        self._wake = asyncio.Event()  # set (from the loop) to end every pending ``delay`` at once
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._crash: BaseException | None = None
         self.url = ""
@@ -401,7 +410,9 @@ class GitHubStandIn:
         """Bind a free port, serve in a thread, and return once uvicorn reports ``started``."""
         if self._thread is not None:
             raise RuntimeError("GitHub stand-in already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only when the
+        # listening socket says TCP, and without it keep-alive requests take 40 ms (delayed ACK).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(
@@ -422,7 +433,6 @@ class GitHubStandIn:
     async def _serve(self, sock: socket.socket) -> None:
         assert self._server is not None
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         task = asyncio.create_task(self._server.serve(sockets=[sock]))
         try:
             while not self._server.started and not task.done():
@@ -436,15 +446,13 @@ class GitHubStandIn:
             sock.close()
 
     def stop(self) -> None:
-        """Shut uvicorn down, waking requests held by ``delay`` so shutdown is prompt."""
+        """Shut uvicorn down; requests held by ``delay`` are woken and dropped, so it is prompt."""
         if self._thread is None or self._server is None:
             return
         self._server.should_exit = True
-        if self._loop is not None and self._stopping is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._stopping.set)
-            except RuntimeError:  # loop already closed
-                pass
+        with self._lock:
+            self._generation += 1
+        self._wake_held_requests()
         self._thread.join(timeout=5)
         if self._thread.is_alive():
             self._server.force_exit = True
@@ -457,7 +465,36 @@ class GitHubStandIn:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def _wake_held_requests(self) -> None:
+        held, self._wake = self._wake, asyncio.Event()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
+            except RuntimeError:  # loop already closed: nothing is waiting
+                pass
+
     # ------------------------------------------------------------------ test API
+
+    def reset(self) -> None:
+        """Forget everything tests did and restore the constructor's settings.
+
+        Stopping uvicorn costs ~0.2 s, so one running stand-in can serve a whole module with
+        ``reset()`` between tests.  Ids keep growing (as on GitHub); ``seq`` restarts at 1.
+        Requests still held by ``delay`` are woken and dropped (503), never handled, so they
+        cannot leak into the next test's state.
+        """
+        with self._lock:
+            self._generation += 1
+            for container in (
+                self.requests, self.violations, self.statuses, self.check_runs, self.check_run_history,
+                self.annotations, self.installation_tokens, self._faults, self._check_run_repo, self._suites,
+            ):
+                container.clear()
+            tokens, self.token_ttl_seconds, self.delay, permissions, self.rate_limit = self._defaults
+            self.tokens, self.app_permissions = set(tokens), dict(permissions)
+            self._seq = itertools.count(1)
+            self._rate_used, self._rate_reset = 0, int(time.time()) + 3600
+        self._wake_held_requests()
 
     def assert_no_violations(self) -> None:
         """Raise AssertionError listing every recorded contract violation."""
@@ -553,15 +590,20 @@ class GitHubStandIn:
             )
             self.requests.append(record)
             fault = self._take_fault(record) if operation else None
+            generation = self._generation
         await self._pause(self.delay + (fault.delay if fault else 0.0))
-        try:
-            reply = self._process(request, record, operation, fault, parsed, parse_ok)
-            reply = self._self_check(record, operation, reply)
-        except Exception:  # a crash in the stand-in must not look like a GitHub answer
-            self._violate(record, "standin-bug", "stand-in raised", tuple(traceback.format_exc().splitlines()))
-            reply = _Reply(500, {"message": "GitHub stand-in crashed", "details": traceback.format_exc()})
-        record.status, record.response = reply.status, reply.body
-        return self._respond(record, reply)
+        with self._lock:
+            if generation != self._generation:  # reset()/stop() while held: it belongs to no test now
+                return Response(b'{"message": "stand-in was reset"}', 503, media_type=JSON_UTF8)
+            try:
+                reply = self._process(request, record, operation, fault, parsed, parse_ok)
+                reply = self._self_check(record, operation, reply)
+            except Exception:  # a crash in the stand-in must not look like a GitHub answer
+                trace = traceback.format_exc()
+                self._violate(record, "standin-bug", "stand-in raised", tuple(trace.splitlines()))
+                reply = _Reply(500, {"message": "GitHub stand-in crashed", "details": trace})
+            record.status, record.response = reply.status, reply.body
+            return self._respond(record, reply)
 
     def _take_fault(self, record: RecordedRequest) -> Fault | None:
         for fault in self._faults:
@@ -573,11 +615,8 @@ class GitHubStandIn:
     async def _pause(self, seconds: float) -> None:
         if seconds <= 0:
             return
-        if self._stopping is None:
-            await asyncio.sleep(seconds)
-            return
         try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
         except TimeoutError:
             pass
 
@@ -651,19 +690,22 @@ class GitHubStandIn:
         try:
             claims = jwt.decode(
                 token, self._public_key, algorithms=["RS256"],
-                options={"verify_exp": False, "verify_iat": False, "require": ["iat", "exp", "iss"]},
+                options={"verify_exp": False, "verify_iat": False, "verify_iss": False,
+                         "require": ["iat", "exp", "iss"]},
             )
         except jwt.PyJWTError:
             return "A JSON web token could not be decoded"
         now = time.time()
         iat, exp = claims["iat"], claims["exp"]
         if not isinstance(iat, int) or iat > now + JWT_CLOCK_DRIFT:
-            return "'Issued at' claim ('iat') must be an Integer representing the time that the assertion was issued"
+            return ("'Issued at' claim ('iat') must be an Integer representing the time"
+                    " that the assertion was issued")
         if not isinstance(exp, int) or exp <= now:
-            return "'Expiration time' claim ('exp') must be a numeric value representing the future time at which the assertion expires"
+            return ("'Expiration time' claim ('exp') must be a numeric value representing"
+                    " the future time at which the assertion expires")
         if exp - iat > MAX_JWT_LIFETIME:
             return "'Expiration time' claim ('exp') is too far in the future"
-        if str(claims["iss"]) != str(self.app_id):
+        if str(claims["iss"]) not in (str(self.app_id), self.client_id):
             return "'Issuer' claim ('iss') does not name this GitHub App"
         return None
 
@@ -677,8 +719,9 @@ class GitHubStandIn:
         details = tuple(
             f"{'.'.join(map(str, e.absolute_path)) or '(body)'}: {_shorten(e.message)}" for e in problems
         )
-        self._violate(record, "standin-bug", f"stand-in's own {reply.status} reply breaks the documented schema", details)
-        return _Reply(500, {"message": "GitHub stand-in bug: reply breaks the documented schema", "errors": list(details)})
+        message = f"stand-in's own {reply.status} reply breaks the documented schema"
+        self._violate(record, "standin-bug", message, details)
+        return _Reply(500, {"message": f"GitHub stand-in bug: {message}", "errors": list(details)})
 
     def _respond(self, record: RecordedRequest, reply: _Reply) -> Response:
         with self._lock:
@@ -704,7 +747,7 @@ class GitHubStandIn:
             content = reply.body.encode()
         else:
             content = json.dumps(reply.body).encode()
-        return Response(content, reply.status, headers, media_type="application/json; charset=utf-8")
+        return Response(content, reply.status, headers, media_type=JSON_UTF8)
 
     def _violate(self, record: RecordedRequest, kind: str, message: str, details: tuple[str, ...] = ()) -> None:
         with self._lock:
@@ -857,13 +900,18 @@ class GitHubStandIn:
             return self._user(base, f"{self.app_slug}[bot]", 41898282, "Bot")
         return self._user(base, self.user_login, 583231, "User")
 
+    @property
+    def client_id(self) -> str:
+        """The App's client ID; GitHub accepts it as the JWT ``iss`` as well as the App ID."""
+        return f"Iv1.{self.app_id or 1:016x}"
+
     def _app(self, base: str) -> dict[str, Any]:
         app_id = self.app_id if self.app_id is not None else 1
         return {
             "id": app_id,
             "slug": self.app_slug,
             "node_id": _node_id("A_kwHO", app_id),
-            "client_id": f"Iv1.{app_id:016x}",
+            "client_id": self.client_id,
             "owner": self._user(base, f"{self.app_slug}-org", 9919, "Organization"),
             "name": self.app_slug,
             "description": "Container images for every push (GitHub stand-in)",

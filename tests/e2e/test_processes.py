@@ -1,0 +1,143 @@
+"""Full flows with real ``imagebot`` processes over HTTP, on SQLite and PostgreSQL:
+a ``kill -9`` mid-build loses nothing, SIGTERM is graceful, and the worker runs on its own."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from bot.db import Database
+from bot.models import builds
+
+from tests.support import (
+    GITHUB_SECRET,
+    BotProcess,
+    free_port,
+    github_headers,
+    github_payload,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def bot_env(db_url: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "IMAGEBOT_DATABASE_URL": db_url,
+        "IMAGEBOT_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
+        "IMAGEBOT_LEASE_SECONDS": "2",
+        "IMAGEBOT_POLL_SECONDS": "0.1",
+        "IMAGEBOT_PLACEHOLDER_BUILD_SECONDS": "0.2",
+        "IMAGEBOT_SHUTDOWN_GRACE_SECONDS": "0",
+    }
+    env.update(overrides)
+    return env
+
+
+def push(url: str, delivery: str) -> int:
+    body = json.dumps(github_payload("push.payload.4")).encode()
+    response = httpx.post(f"{url}/webhooks/github", content=body, headers=github_headers("push", body, delivery))
+    assert response.status_code == 201, response.text
+    return response.json()["build_id"]
+
+
+def build(url: str, build_id: int) -> dict:
+    return httpx.get(f"{url}/api/builds/{build_id}").json()
+
+
+def events(url: str, build_id: int) -> list[str]:
+    return [e["name"] for e in httpx.get(f"{url}/api/builds/{build_id}/events").json()["events"]]
+
+
+def test_kill_9_mid_build_then_restart_finishes_the_build(db_url, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = ["serve", "--port", str(port)]
+    first = BotProcess(serve, bot_env(db_url, IMAGEBOT_PLACEHOLDER_BUILD_SECONDS="600"), tmp_path / "bot.log")
+    first.start().wait_healthy(url)
+    build_id = push(url, "crash-1")
+    wait_until(lambda: build(url, build_id)["status"] == "running", what="the build to run")
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    second = BotProcess(serve, bot_env(db_url), tmp_path / "bot.log").start()
+    try:
+        second.wait_healthy(url)
+        done = wait_until(
+            lambda: (b := build(url, build_id))["status"] in ("succeeded", "failed") and b,
+            what="the recovered build to finish",
+        )
+    finally:
+        second.stop()
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    log = second.log()
+    assert f"requeued [{build_id}]" in log
+
+
+def test_recovered_events_tell_the_story(db_url, tmp_path):
+    """After a crash the telemetry shows both attempts, the first without an end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = ["serve", "--port", str(port)]
+    first = BotProcess(serve, bot_env(db_url, IMAGEBOT_PLACEHOLDER_BUILD_SECONDS="600"), tmp_path / "a.log")
+    first.start().wait_healthy(url)
+    build_id = push(url, "crash-2")
+    wait_until(lambda: build(url, build_id)["status"] == "running", what="the build to run")
+    first.stop(signal.SIGKILL)
+    second = BotProcess(serve, bot_env(db_url), tmp_path / "b.log").start()
+    try:
+        second.wait_healthy(url)
+        wait_until(lambda: build(url, build_id)["status"] == "succeeded", what="success")
+        names = events(url, build_id)
+        attempts = [e["data"].get("attempt") for e in httpx.get(f"{url}/api/builds/{build_id}/events").json()["events"]]
+    finally:
+        second.stop()
+    assert names == ["build_started", "build_started", "build_succeeded"]
+    assert attempts[:2] == [1, 2]
+
+
+def test_sigterm_gives_the_running_build_back(db_url, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = ["serve", "--port", str(port)]
+    bot = BotProcess(serve, bot_env(db_url, IMAGEBOT_PLACEHOLDER_BUILD_SECONDS="600"), tmp_path / "bot.log")
+    bot.start().wait_healthy(url)
+    build_id = push(url, "term-1")
+    wait_until(lambda: build(url, build_id)["status"] == "running", what="the build to run")
+    # uvicorn re-raises the signal it handled, so the exit status says "SIGTERM"
+    assert bot.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    assert "given back to the queue at shutdown" in bot.log()
+    assert "Application shutdown complete" in bot.log()
+    database = Database(db_url)
+    row = database.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == build_id)).one())
+    database.close()
+    assert (row.status, row.attempts, row.lease_owner) == ("queued", 0, None)
+
+    again = BotProcess(serve, bot_env(db_url), tmp_path / "bot.log").start()
+    try:
+        again.wait_healthy(url)
+        done = wait_until(lambda: (b := build(url, build_id))["status"] == "succeeded" and b, what="success")
+    finally:
+        again.stop()
+    assert done["attempts"] == 1  # a graceful hand-back does not count as an attempt
+
+
+def test_no_worker_server_and_a_separate_worker(db_url, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = BotProcess(["serve", "--port", str(port), "--no-worker"], bot_env(db_url), tmp_path / "s.log")
+    server.start().wait_healthy(url)
+    worker = None
+    try:
+        build_id = push(url, "split-1")
+        assert build(url, build_id)["status"] == "queued"
+        worker = BotProcess(["worker"], bot_env(db_url), tmp_path / "w.log").start()
+        wait_until(lambda: build(url, build_id)["status"] == "succeeded", what="the worker to build")
+    finally:
+        if worker:
+            assert worker.stop(signal.SIGTERM) == 0
+        server.stop()
+    assert "worker" in worker.log() and "stopped" in worker.log()
