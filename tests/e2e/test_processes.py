@@ -141,3 +141,88 @@ def test_no_worker_server_and_a_separate_worker(db_url, tmp_path):
             assert worker.stop(signal.SIGTERM) == 0
         server.stop()
     assert "worker" in worker.log() and "stopped" in worker.log()
+
+
+def test_readme_run_command_with_only_a_webhook_secret(tmp_path):
+    """`./scripts/run` as the README says: only the secret set, defaults for everything else."""
+    import os
+    import subprocess
+
+    from tests.support import ROOT
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_")}
+    env["IMAGEBOT_GITHUB_WEBHOOK_SECRET"] = GITHUB_SECRET
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(ROOT / "scripts" / "run"), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(url) or proc.poll() is not None, timeout=300, what="scripts/run to serve")
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()
+        response = httpx.post(f"{url}/webhooks/github", content=b'{"zen": "hi", "hook_id": 1}',
+                              headers=github_headers("ping", b'{"zen": "hi", "hook_id": 1}', "run-1"))
+        assert response.status_code == 200 and response.json()["outcome"] == "ping"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    assert (tmp_path / "imagebot.db").exists()  # the default SQLite database, in the caller's directory
+    assert "using the local registry 127.0.0.1:5000" in (tmp_path / "run.log").read_text()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_concurrent_deliveries_with_redeliveries(db_url, tmp_path):
+    """64 connections' worth of deliveries at once, a fifth of them redelivered: group commits
+    keep every answer consistent, and each ref ends with exactly one queued build."""
+    import asyncio
+    import random
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = BotProcess(["serve", "--port", str(port), "--no-worker"], bot_env(db_url), tmp_path / "s.log")
+    server.start().wait_healthy(url)
+    rng = random.Random(7)
+    bodies = {}
+    for ref in ("refs/heads/a", "refs/heads/b"):
+        payload = github_payload("push.payload.4")
+        payload["ref"] = ref
+        bodies[ref] = json.dumps(payload).encode()
+    sends = [(f"c-{n}", rng.choice(list(bodies))) for n in range(160)]
+    sends += [rng.choice(sends[:160]) for _ in range(40)]
+    rng.shuffle(sends)
+
+    async def fire():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+            async def one(delivery, ref):
+                body = bodies[ref]
+                response = await client.post("/webhooks/github", content=body,
+                                             headers=github_headers("push", body, delivery))
+                return delivery, ref, response.status_code, response.json()
+            return await asyncio.gather(*(one(d, r) for d, r in sends))
+
+    try:
+        answers = asyncio.run(fire())
+        builds_by_id = {b["id"]: b for b in httpx.get(f"{url}/api/builds?limit=200").json()["builds"]}
+    finally:
+        server.stop()
+    firsts = {}
+    for delivery, ref, status, body in answers:
+        if not body["duplicate"]:
+            assert status == 201 and delivery not in firsts
+            firsts[delivery] = body["build_id"]
+    assert len(firsts) == 160 and len(set(firsts.values())) == 160
+    for delivery, _, status, body in answers:
+        if body["duplicate"]:
+            assert status == 200 and body["build_id"] == firsts[delivery]
+    assert len(builds_by_id) == 160
+    for ref in bodies:
+        statuses = [b["status"] for b in builds_by_id.values() if b["ref"] == ref]
+        assert statuses.count("queued") == 1 and set(statuses) <= {"queued", "superseded"}
