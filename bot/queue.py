@@ -332,6 +332,15 @@ def renew(
     return {row.id for row in rows}
 
 
+def _held_by(owner: str, build_id: int) -> list:
+    """The build is running under ``owner``'s lease (nobody took it over or ended it)."""
+    return [
+        builds.c.id == build_id,
+        builds.c.lease_owner == owner,
+        builds.c.status == BuildStatus.running.value,
+    ]
+
+
 def finish(
     conn: Connection,
     build_id: int,
@@ -345,11 +354,7 @@ def finish(
     assert status.final, status
     row = conn.execute(
         update(builds)
-        .where(
-            builds.c.id == build_id,
-            builds.c.lease_owner == owner,
-            builds.c.status == BuildStatus.running.value,
-        )
+        .where(*_held_by(owner, build_id))
         .values(
             status=status.value,
             finished_at=now,
@@ -367,11 +372,7 @@ def release(conn: Connection, build_id: int, owner: str) -> bool:
     """Give a build back to the queue (graceful shutdown); the attempt does not count."""
     row = conn.execute(
         update(builds)
-        .where(
-            builds.c.id == build_id,
-            builds.c.lease_owner == owner,
-            builds.c.status == BuildStatus.running.value,
-        )
+        .where(*_held_by(owner, build_id))
         .values(
             status=BuildStatus.queued.value,
             attempts=builds.c.attempts - 1,

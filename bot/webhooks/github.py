@@ -11,7 +11,6 @@ import hashlib
 import hmac
 from typing import Any
 
-from gidgethub import sansio
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -19,14 +18,14 @@ from bot.models import BuildKind
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore, Ping
 from bot.webhooks.ingress import (
     WebhookError,
-    decide,
+    accept,
     field,
     parse_payload,
     read_body,
-    record,
     required_header,
     router_for,
     skip_reason,
+    text_or_none,
 )
 
 PROVIDER = "github"
@@ -166,7 +165,6 @@ router = router_for({
 })
 
 
-
 # -- the endpoint -----------------------------------------------------------------------------
 
 
@@ -183,12 +181,11 @@ async def webhook(request: Request) -> JSONResponse:
     event_name = required_header(request, "x-github-event")
     delivery_id = required_header(request, "x-github-delivery")
     payload = parse_payload(body, request.headers.get("content-type"))
-    decision = await decide(router, sansio.Event(payload, event=event_name, delivery_id=delivery_id))
     delivery = DeliveryInfo(
         provider=PROVIDER,
         delivery_id=delivery_id,
         event=event_name,
-        action=payload.get("action") if isinstance(payload.get("action"), str) else None,
+        action=text_or_none(payload.get("action")),
         repo=field(payload, "repository.full_name", optional=True),
     )
-    return await record(request, delivery, decision)
+    return await accept(request, router, payload, delivery)

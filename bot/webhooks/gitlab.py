@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from gidgethub import sansio
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -18,14 +17,14 @@ from bot.models import BuildKind
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore
 from bot.webhooks.ingress import (
     WebhookError,
-    decide,
+    accept,
     field,
     parse_payload,
     read_body,
-    record,
     required_header,
     router_for,
     skip_reason,
+    text_or_none,
 )
 
 PROVIDER = "gitlab"
@@ -117,7 +116,6 @@ router = router_for({
 })
 
 
-
 async def webhook(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     if settings.gitlab_webhook_token is None:
@@ -136,14 +134,12 @@ async def webhook(request: Request) -> JSONResponse:
     if delivery_id is not None and len(delivery_id) > 128:
         raise WebhookError(400, "delivery id header is longer than 128 characters")
     payload = parse_payload(body, request.headers.get("content-type"))
-    decision = await decide(router, sansio.Event(payload, event=event_name, delivery_id=delivery_id or ""))
     attrs = payload.get("object_attributes")
-    action = attrs.get("action") if isinstance(attrs, dict) else None
     delivery = DeliveryInfo(
         provider=PROVIDER,
         delivery_id=delivery_id,
         event=event_name,
-        action=action if isinstance(action, str) else None,
+        action=text_or_none(attrs.get("action")) if isinstance(attrs, dict) else None,
         repo=field(payload, "project.path_with_namespace", optional=True),
     )
-    return await record(request, delivery, decision)
+    return await accept(request, router, payload, delivery)

@@ -140,6 +140,21 @@ def required_header(request: Request, name: str) -> str:
     return value
 
 
+async def accept(
+    request: Request,
+    router: Router,
+    payload: dict[str, Any],
+    delivery: DeliveryInfo,
+) -> JSONResponse:
+    """Decide what a verified delivery asks for, record it, and answer the forge."""
+    event = sansio.Event(payload, event=delivery.event, delivery_id=delivery.delivery_id or "")
+    return await record(request, delivery, await decide(router, event))
+
+
+def text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 async def record(request: Request, delivery: DeliveryInfo, decision: Decision) -> JSONResponse:
     """Store the delivery and its effect in one transaction, then answer the forge."""
     db: Database = request.app.state.db
