@@ -100,3 +100,17 @@ def test_failed_build_shows_its_error(client, db, seeded):
     assert body["status"] == "failed" and body["attempts"] == 1
     assert body["error"]["kind"] == "lease_expired" and "giving up" in body["error"]["message"]
     assert client.get(f"/api/builds/{seeded[-1]}").json()["error"] is None
+
+
+def test_healthz_is_503_when_the_database_does_not_answer():
+    from starlette.testclient import TestClient
+
+    from bot.app import create_app
+    from tests.support import make_settings
+
+    settings = make_settings("postgresql+psycopg://nobody:secret-pw@127.0.0.1:1/none")
+    with TestClient(create_app(settings, run_worker=False)) as unreachable:
+        response = unreachable.get("/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unhealthy", "database": "unreachable"}
+    assert "secret-pw" not in response.text

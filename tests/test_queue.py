@@ -196,3 +196,20 @@ def test_a_batch_records_exactly_what_one_by_one_would(db):
         assert any(r.duplicate for r in got) and any(r.superseded for r in got)
         assert any(r.cancelled for r in got) and any(r.outcome == "skipped" for r in got)
         _reset(db.url)
+
+
+def test_claim_locks_with_skip_locked_on_postgresql(db):
+    """The claim is one UPDATE whose subquery skips rows other workers hold (PostgreSQL)."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    event.listen(db.writer_engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *args: statements.append(statement))
+    enqueue(db, request())
+    db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))
+    claim_sql = next(s for s in statements if s.lstrip().upper().startswith("UPDATE BUILDS"))
+    if db.is_sqlite:  # SQLite serialises writers with its lock (BEGIN IMMEDIATE) instead
+        assert "FOR UPDATE" not in claim_sql
+        assert "BEGIN IMMEDIATE" in statements
+    else:
+        assert "FOR UPDATE SKIP LOCKED" in claim_sql
