@@ -38,14 +38,21 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def migrated_postgres(postgres_url: str) -> str:
+def migrated_postgres(postgres_url: str) -> Iterator[str]:
+    """A schema of this test session's own (two runs on one machine must not collide)."""
+    import uuid
+
+    schema = f"test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     engine = create_engine(postgres_url)
     with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in postgres_url else "?"
+    url = f"{postgres_url}{separator}options=-csearch_path%3D{schema}"
+    dbmod.upgrade(url)
+    yield url
+    with engine.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
-    dbmod.upgrade(postgres_url)
-    return postgres_url
 
 
 def _truncate(url: str) -> None:
