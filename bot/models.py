@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -130,6 +130,20 @@ class TelemetryEvent(SQLModel, table=True):
     data: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class BuildLog(SQLModel, table=True):
+    """One line of a build's log (``platform`` None: the build's own steps, such as fetch)."""
+
+    __tablename__ = "build_logs"
+    __table_args__ = (Index("ix_build_logs_build_id_id", "build_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    build_id: int = Field(foreign_key="builds.id", nullable=False)
+    platform: str | None = Field(default=None, sa_column=Column(String(64)))
+    ts: datetime = Field(sa_column=_time(nullable=False))
+    line: str = Field(sa_column=Column(Text, nullable=False))
+
+
 builds = Build.__table__
 deliveries = Delivery.__table__
 telemetry_events = TelemetryEvent.__table__
+build_logs = BuildLog.__table__

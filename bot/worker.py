@@ -31,9 +31,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuildOutcome:
+    """How a build ended: what the worker records on the build row and as its last event."""
+
     status: BuildStatus
     error_kind: str | None = None
     error_message: str | None = None
+    #: The step that failed (fetch, config, build, push, manifest), for reports.
+    step: str | None = None
+    #: Platforms whose images made it (all of them, unless a partial build was allowed).
+    platforms: tuple[str, ...] = ()
+    partial: bool = False
 
 
 RunBuild = Callable[[Build], Awaitable[BuildOutcome]]
@@ -44,7 +51,7 @@ def placeholder_runner(settings: Settings) -> RunBuild:
 
     async def run(build: Build) -> BuildOutcome:
         await asyncio.sleep(settings.placeholder_build_seconds)
-        return BuildOutcome(BuildStatus.succeeded)
+        return BuildOutcome(BuildStatus.succeeded, platforms=tuple(build.platforms))
 
     return run
 
@@ -71,14 +78,21 @@ def _finish(
         return False
     duration = round(time.monotonic() - started, 3)
     if outcome.status is BuildStatus.succeeded:
-        telemetry.record(conn, build.id, "build_succeeded", now, duration_s=duration)
+        telemetry.record(
+            conn, build.id, "build_succeeded", now, duration_s=duration,
+            platforms=list(outcome.platforms), partial=outcome.partial,
+        )
     elif outcome.status is BuildStatus.failed:
         telemetry.record(
             conn, build.id, "build_failed", now, duration_s=duration,
-            error_kind=outcome.error_kind, error_message=outcome.error_message,
+            error_kind=outcome.error_kind or "unknown", error_message=outcome.error_message or "",
+            step=outcome.step,
         )
     else:
-        telemetry.record(conn, build.id, "build_cancelled", now, duration_s=duration)
+        telemetry.record(
+            conn, build.id, "build_cancelled", now, duration_s=duration,
+            reason=outcome.error_message or outcome.status.value,
+        )
     return True
 
 

@@ -176,10 +176,10 @@ def _reset(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         if url.startswith("sqlite"):
-            for table in ("telemetry_events", "deliveries", "builds"):
+            for table in ("build_logs", "telemetry_events", "deliveries", "builds"):
                 conn.execute(text(f"DELETE FROM {table}"))
         else:
-            conn.execute(text("TRUNCATE telemetry_events, deliveries, builds RESTART IDENTITY CASCADE"))
+            conn.execute(text("TRUNCATE build_logs, telemetry_events, deliveries, builds RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 
