@@ -1,0 +1,195 @@
+"""Fetch exactly the build's commit with git, over HTTPS with the forge's token.
+
+A shallow fetch of the sha itself (what a CI wants: one commit, no history) works on servers
+that allow unadvertised objects in ``want`` (GitHub and GitLab do); otherwise the ref is fetched
+and the sha looked up in it. The token travels as an ``http.<origin>/.extraHeader`` set through
+``GIT_CONFIG_*`` environment variables: never on a command line, in a URL, in .git/config or in
+a credential store, and only sent to the forge's own origin. Every message that leaves this
+module has the token (and its Basic encoding) masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+
+SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+#: Usernames that go with a token in HTTP Basic auth, per forge.
+TOKEN_USERS = {"github": "x-access-token", "gitlab": "oauth2"}
+
+
+class FetchError(Exception):
+    """``kind``: not_found, auth, sha_not_found, timeout, network, failed."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Checkout:
+    path: Path
+    sha: str
+    method: str  # "sha" or "ref"
+    duration_s: float
+
+
+def classify(stderr: str) -> str:
+    """The kind of a failed git fetch, from what git printed."""
+    text = stderr.lower()
+    if any(s in text for s in ("authentication failed", "could not read username",
+                                "could not read password", "401", "403")):
+        return "auth"
+    if any(s in text for s in ("repository not found", "not found", "404", "does not appear to be a git")):
+        return "not_found"
+    if any(s in text for s in ("not our ref", "unadvertised object", "couldn't find remote ref",
+                                "no such remote ref", "remote error: upload-pack")):
+        return "sha_not_found"
+    if any(s in text for s in ("operation too slow", "timed out", "timeout")):
+        return "timeout"
+    if any(s in text for s in ("could not resolve host", "connection refused", "failed to connect",
+                                "connection reset", "early eof", "unexpected disconnect", "empty reply")):
+        return "network"
+    return "failed"
+
+
+def git_env(clone_url: str, token: SecretStr | None, username: str, home: Path) -> dict[str, str]:
+    """An isolated environment for git: no user or system config, no prompts, token in a header."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LC_ALL": "C",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        # A stalled transfer (under 1 KB/s for 30 s) is abandoned instead of hanging.
+        "GIT_HTTP_LOW_SPEED_LIMIT": "1000",
+        "GIT_HTTP_LOW_SPEED_TIME": "30",
+    }
+    config = [("protocol.version", "2"), ("advice.detachedHead", "false")]
+    if token is not None:
+        parts = urlsplit(clone_url)
+        basic = base64.b64encode(f"{username}:{token.get_secret_value()}".encode()).decode()
+        config.append((f"http.{parts.scheme}://{parts.netloc}/.extraHeader", f"Authorization: Basic {basic}"))
+    env["GIT_CONFIG_COUNT"] = str(len(config))
+    for n, (key, value) in enumerate(config):
+        env[f"GIT_CONFIG_KEY_{n}"] = key
+        env[f"GIT_CONFIG_VALUE_{n}"] = value
+    return env
+
+
+def masker(token: SecretStr | None, username: str) -> Callable[[str], str]:
+    """A function that blanks the token, in the clear and Basic-encoded, out of any text."""
+    secrets: list[str] = []
+    if token is not None:
+        raw = token.get_secret_value()
+        secrets = [raw, base64.b64encode(f"{username}:{raw}".encode()).decode()]
+
+    def mask(text: str) -> str:
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    return mask
+
+
+async def _git(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        "git", *args, cwd=cwd, env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        # its own process group: git runs helpers (git-remote-http) that must die with it
+        start_new_session=True,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        raise
+    return process.returncode or 0, output.decode("utf-8", "replace")
+
+
+async def fetch(
+    clone_url: str,
+    sha: str,
+    ref: str,
+    dest: Path,
+    *,
+    token: SecretStr | None = None,
+    username: str = "x-access-token",
+    timeout: float = 300.0,
+    log: Callable[[list[str]], Awaitable[None]] | None = None,
+) -> Checkout:
+    """Check out ``sha`` of ``clone_url`` into ``dest`` (created; must not exist)."""
+    if not SHA.match(sha):
+        raise FetchError("sha_not_found", f"{sha!r} is not a full commit sha")
+    started = time.monotonic()
+    mask = masker(token, username)
+    dest.mkdir(parents=True)
+    env = git_env(clone_url, token, username, dest.parent)
+    deadline = started + timeout
+
+    async def run(*args: str) -> tuple[int, str]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("timeout", f"fetching {mask(clone_url)} took longer than {timeout:.0f}s")
+        try:
+            code, output = await _git(list(args), env, dest, remaining)
+        except TimeoutError:
+            raise FetchError("timeout", f"fetching {mask(clone_url)} took longer than {timeout:.0f}s") from None
+        output = mask(output)
+        if log is not None and output.strip():
+            await log([line for line in output.splitlines() if line.strip()])
+        return code, output
+
+    await run("init", "-q")
+    code, output = await run("fetch", "--depth", "1", "--no-tags", clone_url, sha)
+    method = "sha"
+    if code != 0:
+        kind = classify(output)
+        if kind != "sha_not_found":
+            raise FetchError(kind, _message(kind, mask(clone_url), sha, output))
+        method = "ref"
+        code, output = await run("fetch", "--no-tags", clone_url, ref)
+        if code != 0:
+            kind = classify(output)
+            raise FetchError(kind, _message(kind, mask(clone_url), ref, output))
+        code, _ = await run("cat-file", "-e", f"{sha}^{{commit}}")
+        if code != 0:
+            raise FetchError("sha_not_found", f"commit {sha} is not in {ref} of {mask(clone_url)}")
+    code, output = await run("checkout", "-q", "--detach", sha)
+    if code != 0:
+        raise FetchError("failed", f"checking out {sha} failed: {_tail(output)}")
+    return Checkout(dest, sha, method, round(time.monotonic() - started, 3))
+
+
+def _tail(output: str, limit: int = 500) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-3:])[-limit:]
+
+
+def _message(kind: str, url: str, what: str, output: str) -> str:
+    lead = {
+        "auth": f"the forge refused the bot's credentials for {url}",
+        "not_found": f"repository {url} was not found (or the bot may not read it)",
+        "sha_not_found": f"{what} was not found in {url}",
+        "timeout": f"fetching {url} timed out",
+        "network": f"could not reach {url}",
+    }.get(kind, f"git fetch of {url} failed")
+    return f"{lead}: {_tail(output)}"

@@ -1,0 +1,144 @@
+"""Fetching exactly one commit over real smart HTTP, with the token kept out of sight."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from bot.pipeline.fetch import FetchError, classify, fetch, git_env, masker
+from tests.standins.git_http import GitHTTPServer, make_repo
+
+TOKEN = "ghs_fetch-test-token-123"
+
+
+@pytest.fixture
+def forge(tmp_path: Path):
+    repo = make_repo(tmp_path / "srv", "acme/app", {"README.md": "v1\n"})
+    old = repo.head()
+    new = repo.commit({"README.md": "v2\n"}, "second")
+    with GitHTTPServer(tmp_path / "srv", username="x-access-token", password=TOKEN) as server:
+        yield server, repo, old, new
+
+
+def run_fetch(server, sha, dest, token=TOKEN, ref="refs/heads/main", **kw):
+    logged: list[str] = []
+
+    async def log(lines):
+        logged.extend(lines)
+
+    checkout = asyncio.run(fetch(server.repo_url("acme/app"), sha, ref, dest,
+                                 token=SecretStr(token) if token else None, log=log, **kw))
+    return checkout, logged
+
+
+def test_fetches_exactly_the_sha_not_the_tip(forge, tmp_path):
+    server, repo, old, new = forge
+    checkout, _ = run_fetch(server, old, tmp_path / "w")
+    assert (checkout.path / "README.md").read_text() == "v1\n"
+    assert checkout.method == "sha" and checkout.sha == old
+    fetches = [r for r in server.requests_for("acme/app") if r.service == "git-upload-pack" and r.method == "POST"]
+    assert any(r.wants == (old,) for r in fetches)
+    assert all(r.auth_present and r.username == "x-access-token" for r in server.requests_for("acme/app"))
+
+
+def test_token_is_nowhere_on_disk_or_in_the_log(forge, tmp_path):
+    server, _, old, _ = forge
+    checkout, logged = run_fetch(server, old, tmp_path / "w")
+    for path in (checkout.path / ".git").rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in "\n".join(logged)
+
+
+def test_server_refusing_unadvertised_sha_falls_back_to_the_ref(tmp_path):
+    repo = make_repo(tmp_path / "srv", "acme/app", {"README.md": "v1\n"})
+    old = repo.head()
+    repo.commit({"README.md": "v2\n"}, "second")
+    with GitHTTPServer(tmp_path / "srv", allow_sha_in_want=False) as server:
+        checkout, _ = run_fetch(server, old, tmp_path / "w", token=None)
+    assert checkout.method == "ref" and (checkout.path / "README.md").read_text() == "v1\n"
+
+
+def test_a_sha_that_is_not_there(forge, tmp_path):
+    server, *_ = forge
+    with pytest.raises(FetchError) as exc:
+        run_fetch(server, "0" * 40, tmp_path / "w")
+    assert exc.value.kind == "sha_not_found"
+    assert f"commit {'0' * 40} is not in refs/heads/main" in exc.value.message
+
+
+def test_missing_repository(forge, tmp_path):
+    server, *_ = forge
+    server.set_missing("acme/app")
+    with pytest.raises(FetchError) as exc:
+        run_fetch(server, "1" * 40, tmp_path / "w")
+    assert exc.value.kind == "not_found" and "was not found" in exc.value.message
+
+
+@pytest.mark.parametrize("token", ["wrong-token", None])
+def test_bad_or_no_credentials(forge, tmp_path, token):
+    server, _, old, _ = forge
+    with pytest.raises(FetchError) as exc:
+        run_fetch(server, old, tmp_path / "w", token=token)
+    assert exc.value.kind == "auth"
+    assert "wrong-token" not in exc.value.message and TOKEN not in exc.value.message
+
+
+def test_a_hanging_server_times_out(forge, tmp_path):
+    server, _, old, _ = forge
+    server.inject_hang(60, repo="acme/app", count=None)
+    with pytest.raises(FetchError) as exc:
+        run_fetch(server, old, tmp_path / "w", timeout=2)
+    assert exc.value.kind == "timeout" and "took longer than 2s" in exc.value.message
+
+
+def test_server_error(forge, tmp_path):
+    server, _, old, _ = forge
+    server.inject_error(500, repo="acme/app", count=None)
+    with pytest.raises(FetchError) as exc:
+        run_fetch(server, old, tmp_path / "w")
+    assert exc.value.kind in ("failed", "network")
+    assert "500" in exc.value.message
+
+
+def test_not_a_sha():
+    with pytest.raises(FetchError, match="not a full commit sha"):
+        asyncio.run(fetch("http://x/y.git", "main", "refs/heads/main", Path("/nonexistent/w")))
+
+
+def test_environment_isolates_git_and_scopes_the_header():
+    env = git_env("https://github.com/acme/app.git", SecretStr("t0k"), "x-access-token", Path("/tmp"))
+    assert env["GIT_TERMINAL_PROMPT"] == "0" and env["GIT_CONFIG_NOSYSTEM"] == "1"
+    keys = [env[f"GIT_CONFIG_KEY_{n}"] for n in range(int(env["GIT_CONFIG_COUNT"]))]
+    assert "http.https://github.com/.extraHeader" in keys
+    assert "t0k" not in " ".join(env.values())  # only its Basic encoding travels
+
+
+@pytest.mark.parametrize(
+    ("stderr", "kind"),
+    [
+        ("fatal: Authentication failed for 'https://x/'", "auth"),
+        ("fatal: could not read Username for 'http://x': terminal prompts disabled", "auth"),
+        ("fatal: repository 'https://x/' not found", "not_found"),
+        ("fatal: remote error: upload-pack: not our ref 0123", "sha_not_found"),
+        ("fatal: Server does not allow request for unadvertised object 0123", "sha_not_found"),
+        ("fatal: couldn't find remote ref refs/heads/gone", "sha_not_found"),
+        ("error: RPC failed; curl 28 Operation too slow", "timeout"),
+        ("fatal: unable to access 'https://x/': Failed to connect to x port 443: Connection refused", "network"),
+        ("fatal: the remote end hung up unexpectedly\nfatal: early EOF", "network"),
+        ("something else entirely", "failed"),
+    ],
+)
+def test_classify(stderr, kind):
+    assert classify(stderr) == kind
+
+
+def test_masker_blanks_raw_and_encoded_token():
+    import base64
+
+    mask = masker(SecretStr("s3cr3t"), "oauth2")
+    encoded = base64.b64encode(b"oauth2:s3cr3t").decode()
+    assert mask(f"token s3cr3t and {encoded}") == "token *** and ***"
