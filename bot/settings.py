@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -75,10 +75,27 @@ class Settings(BaseSettings):
     registry_username: str | None = None
     registry_password: SecretStr | None = None
     registry_credential_helper: str | None = None
+    #: A file holding the registry password (a mounted secret); read again on every refresh.
+    registry_password_file: Path | None = None
+    #: Manifest list format: a Docker manifest list or an OCI image index.
+    manifest_format: Literal["docker", "oci"] = "docker"
+
+    # Pushing and publishing: retries with exponential backoff and jitter.
+    push_retries: int = Field(default=3, ge=0, le=20)
+    retry_initial_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=30.0, ge=0)
 
     # Builds.
     platforms: Annotated[list[str], NoDecode] = ["linux/amd64"]
     public_url: str = "http://localhost:8000"
+
+    # Pipeline.
+    #: Where checkouts go while a build runs (removed afterwards); default: the system temp dir.
+    work_dir: Path | None = None
+    fetch_timeout_seconds: float = Field(default=300.0, gt=0)
+    build_timeout_seconds: float = Field(default=3600.0, gt=0)
+    #: Platforms of one build that build at the same time.
+    platform_parallelism: int = Field(default=2, ge=1, le=16)
 
     # Worker.
     concurrency: int = Field(default=2, ge=1, le=64)
@@ -159,14 +176,28 @@ class Settings(BaseSettings):
         path = self.github_private_key_path
         if path is not None and not path.is_file():
             problems.append(f"IMAGEBOT_GITHUB_PRIVATE_KEY_PATH: no file at {path}")
-        if (self.registry_username is None) != (self.registry_password is None):
+        if self.registry_password is not None and self.registry_username is None:
+            problems.append("IMAGEBOT_REGISTRY_PASSWORD needs IMAGEBOT_REGISTRY_USERNAME")
+        if self.registry_username is not None and not (
+            self.registry_password or self.registry_password_file
+        ):
             problems.append(
-                "IMAGEBOT_REGISTRY_USERNAME and IMAGEBOT_REGISTRY_PASSWORD go together"
+                "IMAGEBOT_REGISTRY_USERNAME needs IMAGEBOT_REGISTRY_PASSWORD or "
+                "IMAGEBOT_REGISTRY_PASSWORD_FILE"
             )
-        if self.registry_credential_helper and self.registry_password is not None:
-            problems.append(
-                "use either IMAGEBOT_REGISTRY_PASSWORD or IMAGEBOT_REGISTRY_CREDENTIAL_HELPER"
-            )
+        sources = [
+            name for name, value in (
+                ("IMAGEBOT_REGISTRY_PASSWORD", self.registry_password),
+                ("IMAGEBOT_REGISTRY_PASSWORD_FILE", self.registry_password_file),
+                ("IMAGEBOT_REGISTRY_CREDENTIAL_HELPER", self.registry_credential_helper),
+            ) if value
+        ]
+        if len(sources) > 1:
+            problems.append(f"use only one of {', '.join(sources)}")
+        if self.registry_password_file and not self.registry_username:
+            problems.append("IMAGEBOT_REGISTRY_PASSWORD_FILE needs IMAGEBOT_REGISTRY_USERNAME")
+        if self.registry_credential_helper and not re.match(r"^[A-Za-z0-9_.-]+$", self.registry_credential_helper):
+            problems.append("IMAGEBOT_REGISTRY_CREDENTIAL_HELPER is a helper name, e.g. ecr-login")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -80,7 +80,7 @@ def test_every_combination_problem_listed_at_once(monkeypatch, tmp_path):
     assert exc.value.problems == [
         "IMAGEBOT_GITHUB_APP_ID needs IMAGEBOT_GITHUB_PRIVATE_KEY or IMAGEBOT_GITHUB_PRIVATE_KEY_PATH",
         "set either IMAGEBOT_GITHUB_TOKEN or IMAGEBOT_GITHUB_APP_ID, not both",
-        "IMAGEBOT_REGISTRY_USERNAME and IMAGEBOT_REGISTRY_PASSWORD go together",
+        "IMAGEBOT_REGISTRY_USERNAME needs IMAGEBOT_REGISTRY_PASSWORD or IMAGEBOT_REGISTRY_PASSWORD_FILE",
     ]
 
 
