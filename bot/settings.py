@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     fetch_timeout_seconds: float = Field(default=300.0, gt=0)
     build_timeout_seconds: float = Field(default=3600.0, gt=0)
+    #: One push attempt; a registry that accepts connections but never answers would
+    #: otherwise hold the engine (and the build) forever.
+    push_timeout_seconds: float = Field(default=600.0, gt=0)
     #: Platforms of one build that build at the same time.
     platform_parallelism: int = Field(default=2, ge=1, le=16)
 

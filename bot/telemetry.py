@@ -132,6 +132,7 @@ class PushFailed(_Event):
 class AuthRefreshSucceeded(_Event):
     registry: str
     source: str  # settings, password_file, credential_helper
+    changed: bool  # the source answered different credentials than before
 
 
 class AuthRefreshFailed(_Failure):

@@ -1,0 +1,216 @@
+"""The Docker runtime: build one platform's image through the engine, tag it, push it.
+
+Nothing else lives here (names, retries, classification, credentials, manifests and telemetry
+are the pipeline's, shared with other runtimes). The Docker SDK is synchronous, so each stream
+(build, push) is read on a thread and handed to the event loop; cancelling the awaiting task
+closes the engine connection, which makes the engine abandon the build or push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker import auth as docker_auth
+from docker.errors import APIError, DockerException
+
+from bot.pipeline.credentials import Credentials
+from bot.pipeline.push import RegistryError
+
+LogSink = Callable[[list[str]], Awaitable[None]]
+
+
+class BuildError(Exception):
+    """A platform's image could not be built; ``kind`` is build (the Dockerfile) or engine."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    context: Path
+    dockerfile: Path
+    platform: str
+    tag: str
+    build_args: dict[str, str]
+    labels: dict[str, str]
+    target: str | None = None
+    #: Credentials the engine may use to pull base images (none for untrusted builds).
+    pull_credentials: dict[str, Credentials] | None = None
+
+
+@dataclass(frozen=True)
+class Pushed:
+    digest: str
+    size: int
+
+
+class _Engine(docker.APIClient):
+    """An engine client that sends exactly the registry credentials it was given.
+
+    docker-py otherwise falls back to ~/.docker/config.json whenever it has none in memory,
+    which would hand the bot's own credentials to builds that must not have any.
+    """
+
+    def __init__(self, registry_auth: dict[str, Credentials] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._registry_auth = {
+            host: {"username": c.username, "password": c.password.get_secret_value(), "serveraddress": host}
+            for host, c in (registry_auth or {}).items()
+        }
+
+    def _set_auth_headers(self, headers: dict[str, str]) -> None:
+        if self._registry_auth:
+            headers["X-Registry-Config"] = docker_auth.encode_header(self._registry_auth)
+
+
+def _engine(registry_auth: dict[str, Credentials] | None = None, timeout: int = 3600) -> _Engine:
+    kwargs = docker.utils.kwargs_from_env()
+    kwargs.setdefault("version", "auto")
+    return _Engine(registry_auth, timeout=timeout, **kwargs)
+
+
+async def _stream(
+    engine: _Engine, start: Callable[[], Iterator[dict]], handle: Callable[[list[dict]], Awaitable[None]]
+) -> None:
+    """Read ``start()``'s items on a thread, hand them to ``handle`` in batches, in order."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for item in start():
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+    threading.Thread(target=pump, name="docker-stream", daemon=True).start()
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            items = [value for kind, value in batch if kind == "item"]
+            if items:
+                await handle(items)
+            for kind, value in batch:
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+    except asyncio.CancelledError:
+        engine.close()  # the engine sees the client go and abandons the work
+        raise
+
+
+def _lines(items: list[dict]) -> list[str]:
+    lines = []
+    for item in items:
+        text = item.get("stream") or item.get("status") or ""
+        if item.get("status") and item.get("progress"):
+            continue  # progress bars: one line per chunk is noise, not a log
+        lines += [line.rstrip() for line in str(text).splitlines() if line.strip()]
+    return lines
+
+
+class DockerRuntime:
+    name = "docker"
+
+    def __init__(self, timeout: int = 3600) -> None:
+        self.timeout = timeout
+
+    async def build(self, job: BuildJob, log: LogSink) -> str:
+        """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`."""
+        engine = _engine(job.pull_credentials, self.timeout)
+        image_id: str | None = None
+        error: str | None = None
+
+        async def handle(items: list[dict]) -> None:
+            nonlocal image_id, error
+            for item in items:
+                if "error" in item or "errorDetail" in item:
+                    detail = item.get("errorDetail") or {}
+                    error = str(detail.get("message") or item.get("error") or "build failed")
+                aux = item.get("aux")
+                if isinstance(aux, dict) and aux.get("ID"):
+                    image_id = aux["ID"]
+            await log(_lines(items))
+
+        def start() -> Iterator[dict]:
+            return engine.build(
+                path=str(job.context), dockerfile=str(job.dockerfile), tag=job.tag,
+                platform=job.platform, pull=True, rm=True, forcerm=True, decode=True,
+                buildargs=job.build_args, labels=job.labels, target=job.target,
+            )
+
+        try:
+            await _stream(engine, start, handle)
+        except APIError as exc:
+            raise BuildError("build", str(exc.explanation or exc)) from None
+        except DockerException as exc:
+            raise BuildError("engine", f"the Docker engine is unreachable: {exc}") from None
+        finally:
+            engine.close()
+        if error is not None:
+            await log([f"ERROR: {error}"])
+            raise BuildError("build", error)
+        if image_id is None:
+            raise BuildError("build", "the engine finished the build without an image id")
+        return image_id
+
+    async def tag(self, image_id: str, target: str) -> None:
+        """Tag ``image_id`` as ``target`` (``repository:tag``)."""
+        repository, _, tag = target.rpartition(":")
+        engine = _engine()
+        try:
+            await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
+        except DockerException as exc:
+            raise RegistryError.of(str(exc)) from None
+        finally:
+            engine.close()
+
+    async def push(self, target: str, credentials: Credentials | None, log: LogSink) -> Pushed:
+        """Push ``target``; raises a classified :class:`RegistryError` on any failure."""
+        repository, _, tag = target.rpartition(":")
+        engine = _engine()
+        secrets = (credentials.password.get_secret_value(),) if credentials else ()
+        result: dict[str, Any] = {}
+        error: Any = None
+
+        async def handle(items: list[dict]) -> None:
+            nonlocal error
+            for item in items:
+                if "error" in item or "errorDetail" in item:
+                    error = (item.get("errorDetail") or {}).get("message") or item.get("error")
+                aux = item.get("aux")
+                if isinstance(aux, dict) and aux.get("Digest"):
+                    result.update(aux)
+            await log(_lines(items))
+
+        def start() -> Iterator[dict]:
+            return engine.push(repository, tag=tag, stream=True, decode=True,
+                               auth_config=credentials.auth_config() if credentials else {})
+
+        try:
+            await _stream(engine, start, handle)
+        except APIError as exc:
+            raise RegistryError.of(exc.explanation or str(exc), exc.status_code if exc.status_code != 500 else None,
+                                   secrets=secrets) from None
+        except (DockerException, OSError) as exc:
+            raise RegistryError.of(f"{type(exc).__name__}: {exc}", secrets=secrets) from None
+        finally:
+            engine.close()
+        if error is not None:
+            raise RegistryError.of(error, secrets=secrets)
+        if "Digest" not in result:
+            raise RegistryError("unknown", "the push ended without a digest")
+        return Pushed(result["Digest"], int(result.get("Size") or 0))

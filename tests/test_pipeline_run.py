@@ -1,0 +1,135 @@
+"""The pipeline end to end against the real Docker engine, the real registry (htpasswd auth)
+and real git over HTTP: two platforms built, pushed, joined by a manifest list, and run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+
+from bot import queue, telemetry
+from bot.db import Database
+from bot.models import Build, BuildKind, builds
+from bot.pipeline.run import Pipeline
+from bot.telemetry import Telemetry
+from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
+from tests.support import infra, make_settings
+from sqlalchemy import select
+
+PLATFORMS = ["linux/amd64", "linux/arm64"]
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, str]:
+    return infra("docker", "registry", "binfmt", "base-image")
+
+
+@pytest.fixture
+def database(sqlite_template, tmp_path):
+    path = tmp_path / "p.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(f"sqlite:///{path}")
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def forge(tmp_path, services):
+    repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_TEST_BASE_IMAGE"]))
+    with GitHTTPServer(tmp_path / "srv") as server:
+        yield server, repo
+
+
+def settings_for(services, db: Database, **overrides):
+    values = dict(
+        registry=f"{services['IMAGEBOT_TEST_REGISTRY']}/it{uuid.uuid4().hex[:8]}",
+        registry_username=services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
+        registry_password=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
+        platforms=PLATFORMS, push_retries=2, retry_initial_seconds=0.1, retry_max_seconds=0.5,
+    )
+    values.update(overrides)
+    return make_settings(db.url, **values)
+
+
+def new_build(db: Database, server, repo, **kw) -> Build:
+    request = queue.BuildRequest(
+        provider="github", repo="acme/app", clone_url=server.repo_url("acme/app"),
+        ref=kw.pop("ref", "refs/heads/main"), sha=kw.pop("sha", repo.head()),
+        kind=kw.pop("kind", BuildKind.branch), trigger="push", default_branch="main", **kw,
+    )
+    info = queue.DeliveryInfo("github", uuid.uuid4().hex, "push", None, "acme/app")
+    from bot.models import utcnow
+
+    build_id = db.write_sync(lambda c: queue.record_delivery(c, info, request, PLATFORMS, utcnow())).build_id
+    row = db.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == build_id)).one())
+    return Build.model_validate(row._asdict())
+
+
+def run(settings, db, build):
+    async def go():
+        return await Pipeline(settings, Telemetry(db))(build)
+    return asyncio.run(go())
+
+
+def events(db, build):
+    return db.read_sync(lambda c: telemetry.events_of(c, build.id))
+
+
+def registry_get(services, path, accept):
+    auth = (services["IMAGEBOT_TEST_REGISTRY_USERNAME"], services["IMAGEBOT_TEST_REGISTRY_PASSWORD"])
+    return httpx.get(f"http://{services['IMAGEBOT_TEST_REGISTRY']}{path}", auth=auth, headers={"Accept": accept})
+
+
+def run_image(services, image: str, platform: str) -> str:
+    client = docker.from_env()
+    auth = {"username": services["IMAGEBOT_TEST_REGISTRY_USERNAME"], "password": services["IMAGEBOT_TEST_REGISTRY_PASSWORD"]}
+    repository, _, tag = image.rpartition(":")
+    client.images.pull(repository, tag=tag, platform=platform, auth_config=auth)
+    output = client.containers.run(image, platform=platform, remove=True)
+    return output.decode().strip()
+
+
+def test_two_platform_build_push_and_manifest_list(services, database, forge):
+    server, repo = forge
+    settings = settings_for(services, database)
+    build = new_build(database, server, repo)
+    outcome = run(settings, database, build)
+    assert outcome.status.value == "succeeded", outcome
+    assert outcome.platforms == tuple(PLATFORMS) and not outcome.partial
+
+    seen = events(database, build)
+    names = [e["name"] for e in seen]
+    assert names[0] == "fetch_succeeded" and names[-1] == "manifest_published"
+    for platform in PLATFORMS:
+        mine = [e["name"] for e in seen if e["platform"] == platform]
+        assert mine == ["build_platform_started", "build_platform_succeeded", "tag_started", "tag_succeeded",
+                        "push_started", "push_succeeded"]
+    published = seen[-1]["data"]
+    sha7 = build.sha[:7]
+    assert published["tags"] == ["main", f"sha-{sha7}", "latest"]
+    assert published["platforms"] == PLATFORMS and published["partial"] is False
+
+    image = f"{settings.registry}/acme/app"
+    repository = image.split("/", 1)[1]
+    listing = registry_get(services, f"/v2/{repository}/manifests/main",
+                           "application/vnd.docker.distribution.manifest.list.v2+json")
+    assert listing.status_code == 200
+    body = listing.json()
+    assert body["mediaType"] == "application/vnd.docker.distribution.manifest.list.v2+json"
+    assert [(m["platform"]["os"], m["platform"]["architecture"]) for m in body["manifests"]] == [
+        ("linux", "amd64"), ("linux", "arm64")]
+    assert listing.headers["docker-content-digest"] == published["digest"]
+    pushed = {e["platform"]: e["data"]["digest"] for e in seen if e["name"] == "push_succeeded"}
+    assert [m["digest"] for m in body["manifests"]] == [pushed[p] for p in PLATFORMS]
+
+    assert run_image(services, f"{image}:main", "linux/amd64") == "x86_64"
+    assert run_image(services, f"{image}:main", "linux/arm64") == "aarch64"
+    log = database.read_sync(lambda c: telemetry.log_of(c, build.id))
+    assert any("Step" in line["line"] and line["platform"] == "linux/arm64" for line in log)
+    assert settings.registry_password.get_secret_value() not in json.dumps(log) + json.dumps(seen)
