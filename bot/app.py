@@ -19,6 +19,8 @@ from bot.db import Database
 from bot.settings import Settings
 from bot.webhooks import github, gitlab
 from bot.webhooks.ingress import WebhookError
+from bot.pipeline.run import runner_for
+from bot.telemetry import Telemetry
 from bot.worker import RunBuild, Worker
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         database = db or Database(settings.database_url.get_secret_value())
         app.state.db = database
-        worker = Worker(database, settings, run_build) if run_worker else None
+        app.state.telemetry = Telemetry(database)
+        runner = run_build or runner_for(settings, app.state.telemetry)
+        worker = Worker(database, settings, runner) if run_worker else None
         app.state.worker = worker
         app.state.notify_queued = worker.wake if worker else (lambda: None)
         task = asyncio.create_task(worker.run(), name="worker") if worker else None

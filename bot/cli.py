@@ -74,13 +74,15 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _worker(settings: Settings) -> None:
+    from bot.pipeline.run import runner_for
+    from bot.telemetry import Telemetry
     from bot.worker import Worker
 
     _migrate(settings)
 
     async def run() -> None:
         database = dbmod.Database(settings.database_url.get_secret_value())
-        worker = Worker(database, settings)
+        worker = Worker(database, settings, runner_for(settings, Telemetry(database)))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stop)

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     poll_seconds: float = Field(default=1.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
-    #: Until the pipeline lands, a build runs this long as a placeholder step.
+    #: For exercising the queue alone: builds take this long and succeed (0: run the pipeline).
     placeholder_build_seconds: float = Field(default=0.0, ge=0)
 
     @field_validator("platforms", mode="before")

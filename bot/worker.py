@@ -47,7 +47,7 @@ RunBuild = Callable[[Build], Awaitable[BuildOutcome]]
 
 
 def placeholder_runner(settings: Settings) -> RunBuild:
-    """Stands in for the pipeline until it lands: takes a set time, then succeeds."""
+    """A build that takes a set time, then succeeds: for exercising the queue on its own."""
 
     async def run(build: Build) -> BuildOutcome:
         await asyncio.sleep(settings.placeholder_build_seconds)
@@ -101,12 +101,12 @@ class Worker:
         self,
         db: Database,
         settings: Settings,
-        run_build: RunBuild | None = None,
+        run_build: RunBuild,
         owner: str | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
-        self.run_build = run_build or placeholder_runner(settings)
+        self.run_build = run_build
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = timedelta(seconds=settings.lease_seconds)
         self.running: dict[int, asyncio.Task] = {}

@@ -336,4 +336,14 @@ def _failed(step: str, kind: str, message: str) -> BuildOutcome:
     return BuildOutcome(BuildStatus.failed, error_kind=kind, error_message=message[:2000], step=step)
 
 
-__all__ = ["Pipeline", "Plan", "make_plan", "masker"]
+def runner_for(settings: Settings, telemetry: Telemetry):
+    """What the worker runs for each build: the pipeline, or (tests of the queue only) a
+    placeholder that takes ``IMAGEBOT_PLACEHOLDER_BUILD_SECONDS`` and succeeds."""
+    if settings.placeholder_build_seconds > 0:
+        from bot.worker import placeholder_runner
+
+        return placeholder_runner(settings)
+    return Pipeline(settings, telemetry)
+
+
+__all__ = ["Pipeline", "Plan", "make_plan", "masker", "runner_for"]
