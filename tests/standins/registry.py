@@ -493,6 +493,9 @@ class _Rule:
     deny: frozenset[str]
 
 
+#: The ACL "user" of requests without credentials (see TokenServer.grant_anonymous).
+ANONYMOUS = "<anonymous>"
+
 class TokenServer:
     """The Docker token-auth endpoint (https://distribution.github.io/distribution/spec/auth/token/).
 
@@ -654,13 +657,17 @@ class TokenServer:
         with self._lock:
             self._rules.clear()
 
+    def grant_anonymous(self, repository: str, actions: Iterable[str] = ("pull",)) -> None:
+        """Make ``repository`` (glob) public: anonymous requests get ``actions`` on it."""
+        self.grant(ANONYMOUS, repository, actions)
+
     def allowed_actions(self, user: str | None, repository: str) -> frozenset[str]:
-        if user is None:
-            return frozenset()
         with self._lock:
-            actions = set(self.default_actions)
+            actions = set(self.default_actions) if user is not None else set()
             for rule in self._rules:
-                if fnmatch.fnmatchcase(user, rule.user) and fnmatch.fnmatchcase(repository, rule.repo):
+                if user is None and rule.user != ANONYMOUS:
+                    continue  # only explicit public grants apply to anonymous requests
+                if fnmatch.fnmatchcase(user or ANONYMOUS, rule.user) and fnmatch.fnmatchcase(repository, rule.repo):
                     actions = (actions | rule.allow) - rule.deny
         return frozenset(actions)
 
