@@ -283,21 +283,20 @@ def _delivery_row(incoming: Incoming, recorded: Recorded) -> dict:
 # -- worker side ------------------------------------------------------------------------------
 
 
-def claim(conn: Connection, owner: str, lease: timedelta, now: datetime) -> Build | None:
-    """Take the oldest queued build for ``owner``, or None when the queue is empty.
+def claim(
+    conn: Connection, owner: str, lease: timedelta, now: datetime, build_id: int | None = None
+) -> Build | None:
+    """Take the oldest queued build (or build ``build_id``, if queued) for ``owner``; None
+    when there is none.
 
     One UPDATE whose subquery picks the row: SQLite runs it under its write lock, PostgreSQL
     skips rows another worker has locked meanwhile (FOR UPDATE SKIP LOCKED), so no two
     workers ever get the same build.
     """
-    oldest = (
-        select(builds.c.id)
-        .where(builds.c.status == BuildStatus.queued.value)
-        .order_by(builds.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
+    candidates = select(builds.c.id).where(builds.c.status == BuildStatus.queued.value)
+    if build_id is not None:
+        candidates = candidates.where(builds.c.id == build_id)
+    oldest = candidates.order_by(builds.c.id).limit(1).with_for_update(skip_locked=True).scalar_subquery()
     row = conn.execute(
         update(builds)
         .where(builds.c.id == oldest, builds.c.status == BuildStatus.queued.value)

@@ -56,11 +56,13 @@ def placeholder_runner(settings: Settings) -> RunBuild:
     return run
 
 
-def _claim_up_to(conn: Connection, owner: str, count: int, lease: timedelta) -> list[Build]:
+def _claim_up_to(
+    conn: Connection, owner: str, count: int, lease: timedelta, build_id: int | None = None
+) -> list[Build]:
     claimed = []
     for _ in range(count):
         now = utcnow()
-        build = queue.claim(conn, owner, lease, now)
+        build = queue.claim(conn, owner, lease, now, build_id)
         if build is None:
             break
         telemetry.record(conn, build.id, "build_started", now, attempt=build.attempts)
@@ -189,7 +191,22 @@ class Worker:
         self.running.pop(build_id, None)
         self.wake()
 
-    async def _execute(self, build: Build) -> None:
+    async def run_one(self, build_id: int) -> BuildOutcome | None:
+        """Run queued build ``build_id`` here and now (``imagebot build``); None if it was not
+        queued. Its lease is held and renewed like any other."""
+        claimed = await self.db.write(lambda conn: _claim_up_to(conn, self.owner, 1, self.lease, build_id))
+        if not claimed:
+            return None
+        renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
+        task = asyncio.create_task(self._execute(claimed[0]), name=f"build-{build_id}")
+        self.running[build_id] = task
+        try:
+            return await task
+        finally:
+            self.running.pop(build_id, None)
+            renewer.cancel()
+
+    async def _execute(self, build: Build) -> BuildOutcome:
         started = time.monotonic()
         try:
             outcome = await self.run_build(build)
@@ -206,6 +223,7 @@ class Worker:
             log.info("build %s %s", build.id, outcome.status.value)
         else:
             log.warning("build %s ended here but its lease had moved on; result dropped", build.id)
+        return outcome
 
     async def _renew_forever(self) -> None:
         while True:

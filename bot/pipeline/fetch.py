@@ -15,6 +15,7 @@ import base64
 import contextlib
 import os
 import signal
+import tempfile
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -177,6 +178,54 @@ async def fetch(
     if code != 0:
         raise FetchError("failed", f"checking out {sha} failed: {_tail(output)}")
     return Checkout(dest, sha, method, round(time.monotonic() - started, 3))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    ref: str
+    sha: str
+    default_branch: str | None
+
+
+async def resolve(
+    clone_url: str, ref_or_sha: str, *, token: SecretStr | None = None,
+    username: str = "x-access-token", ref: str | None = None, timeout: float = 60.0,
+) -> Resolved:
+    """Which commit ``ref_or_sha`` names on the remote (``git ls-remote``), and its ref.
+
+    A full sha is taken as it is (with ``ref``, or the default branch, as the ref to fall
+    back on when fetching); a name is looked up as a branch, then as a tag.
+    """
+    mask = masker(token, username)
+    with tempfile.TemporaryDirectory(prefix="imagebot-resolve-") as home:
+        env = git_env(clone_url, token, username, Path(home))
+        candidates = [ref_or_sha] if ref_or_sha.startswith("refs/") else [
+            f"refs/heads/{ref_or_sha}", f"refs/tags/{ref_or_sha}^{{}}", f"refs/tags/{ref_or_sha}"]
+        try:
+            code, output = await _git(["ls-remote", "--symref", clone_url, "HEAD", *candidates],
+                                      env, Path(home), timeout)
+        except TimeoutError:
+            raise FetchError("timeout", f"listing {mask(clone_url)} timed out") from None
+    output = mask(output)
+    if code != 0:
+        kind = classify(output)
+        raise FetchError(kind, _message(kind, mask(clone_url), ref_or_sha, output))
+    refs: dict[str, str] = {}
+    default_branch = None
+    for line in output.splitlines():
+        if line.startswith("ref: ") and line.endswith("\tHEAD"):
+            default_branch = line[5:-5].removeprefix("refs/heads/")
+        elif "\t" in line:
+            sha, name = line.split("\t", 1)
+            refs[name] = sha
+    if SHA.match(ref_or_sha):
+        return Resolved(ref or (f"refs/heads/{default_branch}" if default_branch else "HEAD"),
+                        ref_or_sha, default_branch)
+    for candidate in candidates:
+        if candidate in refs:
+            name = candidate.removesuffix("^{}")
+            return Resolved(name, refs[candidate], default_branch)
+    raise FetchError("sha_not_found", f"{ref_or_sha!r} is neither a branch nor a tag of {mask(clone_url)}")
 
 
 def _tail(output: str, limit: int = 500) -> str:

@@ -47,6 +47,9 @@ class Plan:
     labels: dict[str, str]
     target: str | None
     allow_partial: bool
+    #: Trusted builds may use the bot's registry credentials (to pull private base images
+    #: too); an untrusted one (a fork's pull request) never gets them.
+    trusted: bool = True
     secrets: tuple[str, ...] = ()
 
 
@@ -64,10 +67,10 @@ def source_url(clone_url: str) -> str:
     return clone_url.removesuffix(".git")
 
 
-def make_plan(build: Build, config: RepoConfig, settings: Settings) -> Plan:
+def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: bool = False) -> Plan:
     """Names, tags, platforms and permissions of ``build`` (pure; raises TagError)."""
     platforms = [tags.normalize_platform(p) for p in (config.platforms or build.platforms)]
-    reasons = []
+    reasons = ["--no-push was given"] if no_push else []
     if build.fork:
         reasons.append("a pull request from a fork is built but never pushed")
     if not config.pushes(build.kind):
@@ -94,14 +97,16 @@ def make_plan(build: Build, config: RepoConfig, settings: Settings) -> Plan:
         labels=labels,
         target=config.target,
         allow_partial=config.allow_partial,
+        trusted=not build.fork,
         secrets=tuple(config.build_args[name] for name in config.secret_build_args),
     )
 
 
 class Pipeline:
     def __init__(self, settings: Settings, telemetry: Telemetry, runtime: DockerRuntime | None = None,
-                 forge_tokens: dict[str, str] | None = None) -> None:
+                 forge_tokens: dict[str, str] | None = None, no_push: bool = False) -> None:
         self.settings = settings
+        self.no_push = no_push
         self.telemetry = telemetry
         self.runtime = runtime or DockerRuntime(int(settings.build_timeout_seconds))
         self.policy = RetryPolicy(settings.push_retries, settings.retry_initial_seconds,
@@ -121,7 +126,7 @@ class Pipeline:
             try:
                 config = load_config(checkout.path)
                 dockerfile, context = resolve_paths(checkout.path, config)
-                plan = make_plan(build, config, self.settings)
+                plan = make_plan(build, config, self.settings, self.no_push)
             except (ConfigError, tags.TagError) as exc:
                 await self.log(build, None, [f"ERROR: {exc}"])
                 return _failed("config", "config", str(exc))
@@ -152,7 +157,7 @@ class Pipeline:
 
     async def _platforms(self, build: Build, plan: Plan, context: Path, dockerfile: Path) -> list[PlatformResult]:
         credentials = None
-        if plan.push and plan.image:
+        if plan.trusted and plan.image:
             credentials = RegistryCredentials(tags.split_image(plan.image)[0], self.settings)
         gate = asyncio.Semaphore(self.settings.platform_parallelism)
 
