@@ -63,9 +63,10 @@ def create_app(
         app.state.db = database
         app.state.telemetry = Telemetry(database)
         runner = run_build or runner_for(settings, app.state.telemetry)
-        worker = Worker(database, settings, runner) if run_worker else None
+        worker = Worker(database, settings, runner, bus=app.state.telemetry.bus) if run_worker else None
         app.state.worker = worker
         app.state.notify_queued = worker.wake if worker else (lambda: None)
+        app.state.notify_ended = worker.stop_builds if worker else (lambda ids: None)
         task = asyncio.create_task(worker.run(), name="worker") if worker else None
         try:
             yield

@@ -98,7 +98,8 @@ def _worker(settings: Settings) -> None:
 
     async def run() -> None:
         database = dbmod.Database(settings.database_url.get_secret_value())
-        worker = Worker(database, settings, runner_for(settings, Telemetry(database)))
+        telemetry = Telemetry(database)
+        worker = Worker(database, settings, runner_for(settings, telemetry), bus=telemetry.bus)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stop)
@@ -164,7 +165,8 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"  {where}{message['line']}", flush=True)
 
         printer = asyncio.create_task(show())
-        worker = Worker(database, settings, Pipeline(settings, telemetry, no_push=args.no_push))
+        worker = Worker(database, settings, Pipeline(settings, telemetry, no_push=args.no_push),
+                        bus=telemetry.bus)
         try:
             outcome = await worker.run_one(recorded.build_id)
         finally:

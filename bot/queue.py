@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from bot.models import Build, BuildKind, BuildStatus, builds, deliveries
 
@@ -114,11 +114,14 @@ _EARLIER_DELIVERIES = select(
 )
 _INSERT_BUILDS = insert(builds).returning(builds.c.id, sort_by_parameter_order=True)
 _INSERT_DELIVERIES = insert(deliveries)
-#: Queued builds of the refs a batch touches, locked so no worker claims them meanwhile.
+#: Unfinished builds of the refs a batch touches, locked so no worker claims them meanwhile.
+#: Running ones are ended too: an older build of a ref that finished after a newer one would
+#: publish older code under the ref's tags; its worker notices and stops its work.
+_UNFINISHED = or_(builds.c.status == BuildStatus.queued.value, builds.c.status == BuildStatus.running.value)
 _QUEUED_OF_REFS = (
     select(builds.c.id, builds.c.provider, builds.c.repo, builds.c.ref)
     .where(
-        builds.c.status == BuildStatus.queued.value,
+        _UNFINISHED,
         builds.c.repo.in_(bindparam("repos", expanding=True)),
         builds.c.ref.in_(bindparam("refs", expanding=True)),
     )
@@ -127,11 +130,13 @@ _QUEUED_OF_REFS = (
 )
 _END_BUILD = (
     update(builds)
-    .where(builds.c.id == bindparam("w_id"), builds.c.status == BuildStatus.queued.value)
+    .where(builds.c.id == bindparam("w_id"), _UNFINISHED)
     .values(
         status=bindparam("w_status"),
         finished_at=bindparam("w_now"),
         error_message=bindparam("w_message"),
+        lease_owner=None,
+        lease_expires_at=None,
     )
 )
 _BUILD_FIELDS = (

@@ -19,12 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from bot import queue, telemetry
 from bot.db import Database
-from bot.models import Build, BuildStatus, utcnow
+from bot.models import Build, BuildStatus, builds, utcnow
 from bot.settings import Settings
+from bot.telemetry import Bus
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +59,53 @@ def placeholder_runner(settings: Settings) -> RunBuild:
 
 def _claim_up_to(
     conn: Connection, owner: str, count: int, lease: timedelta, build_id: int | None = None
-) -> list[Build]:
+) -> list[tuple[Build, dict]]:
     claimed = []
     for _ in range(count):
         now = utcnow()
         build = queue.claim(conn, owner, lease, now, build_id)
         if build is None:
             break
-        telemetry.record(conn, build.id, "build_started", now, attempt=build.attempts)
-        claimed.append(build)
+        claimed.append((build, telemetry.record(conn, build.id, "build_started", now, attempt=build.attempts)))
     return claimed
 
 
 def _finish(
     conn: Connection, build: Build, owner: str, outcome: BuildOutcome, started: float
-) -> bool:
+) -> dict | None:
+    """End the build with ``outcome`` and record its last event; None if no longer held."""
     now = utcnow()
     if not queue.finish(
         conn, build.id, owner, outcome.status, now, outcome.error_kind, outcome.error_message
     ):
-        return False
+        return None
     duration = round(time.monotonic() - started, 3)
     if outcome.status is BuildStatus.succeeded:
-        telemetry.record(
+        return telemetry.record(
             conn, build.id, "build_succeeded", now, duration_s=duration,
             platforms=list(outcome.platforms), partial=outcome.partial,
         )
-    elif outcome.status is BuildStatus.failed:
-        telemetry.record(
+    if outcome.status is BuildStatus.failed:
+        return telemetry.record(
             conn, build.id, "build_failed", now, duration_s=duration,
             error_kind=outcome.error_kind or "unknown", error_message=outcome.error_message or "",
             step=outcome.step,
         )
-    else:
-        telemetry.record(
-            conn, build.id, "build_cancelled", now, duration_s=duration,
-            reason=outcome.error_message or outcome.status.value,
-        )
-    return True
+    return telemetry.record(
+        conn, build.id, "build_cancelled", now, duration_s=duration,
+        reason=outcome.error_message or outcome.status.value,
+    )
+
+
+def _ended_elsewhere(conn: Connection, build_id: int, started: float) -> tuple[BuildOutcome, dict]:
+    """The build was superseded or cancelled while it ran here: say so in its telemetry."""
+    row = conn.execute(
+        select(builds.c.status, builds.c.error_message).where(builds.c.id == build_id)
+    ).one()
+    reason = row.error_message or f"the build was {row.status} while it ran"
+    event = telemetry.record(conn, build_id, "build_cancelled", utcnow(),
+                             duration_s=round(time.monotonic() - started, 3), reason=reason)
+    return BuildOutcome(BuildStatus(row.status), error_message=reason), event
 
 
 class Worker:
@@ -105,10 +115,12 @@ class Worker:
         settings: Settings,
         run_build: RunBuild,
         owner: str | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.run_build = run_build
+        self.bus = bus
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = timedelta(seconds=settings.lease_seconds)
         self.running: dict[int, asyncio.Task] = {}
@@ -116,6 +128,7 @@ class Worker:
         self._stopping = False
         self._shutting_down = False
         self._last_recovery = float("-inf")
+        self._ended: set[int] = set()  # running here, but superseded or cancelled elsewhere
 
     # -- control ------------------------------------------------------------------------------
 
@@ -123,6 +136,20 @@ class Worker:
         """Look at the queue now (a build was just queued in this process)."""
         if self._wake is not None:
             self._wake.set()
+
+    def stop_builds(self, build_ids: list[int]) -> None:
+        """Stop these builds now if they run here (they were superseded or cancelled)."""
+        for build_id in build_ids:
+            task = self.running.get(build_id)
+            if task is not None and not task.done():
+                self._ended.add(build_id)
+                task.cancel()
+
+    def _publish(self, *events: dict | None) -> None:
+        if self.bus is not None:
+            for event in events:
+                if event is not None:
+                    self.bus.publish({"type": "event", "event": event})
 
     def stop(self) -> None:
         """Stop claiming; ``run`` returns once running builds ended or were given back."""
@@ -181,7 +208,8 @@ class Worker:
         except Exception:
             log.exception("claiming builds failed; will try again")
             return
-        for build in claimed:
+        for build, event in claimed:
+            self._publish(event)
             log.info("build %s claimed (%s %s @ %s)", build.id, build.repo, build.ref, build.sha)
             task = asyncio.create_task(self._execute(build), name=f"build-{build.id}")
             self.running[build.id] = task
@@ -197,8 +225,10 @@ class Worker:
         claimed = await self.db.write(lambda conn: _claim_up_to(conn, self.owner, 1, self.lease, build_id))
         if not claimed:
             return None
+        build, event = claimed[0]
+        self._publish(event)
         renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
-        task = asyncio.create_task(self._execute(claimed[0]), name=f"build-{build_id}")
+        task = asyncio.create_task(self._execute(build), name=f"build-{build_id}")
         self.running[build_id] = task
         try:
             return await task
@@ -211,6 +241,12 @@ class Worker:
         try:
             outcome = await self.run_build(build)
         except asyncio.CancelledError:
+            if build.id in self._ended:
+                self._ended.discard(build.id)
+                outcome, event = await self.db.write(lambda conn: _ended_elsewhere(conn, build.id, started))
+                self._publish(event)
+                log.info("build %s stopped: %s", build.id, outcome.error_message)
+                return outcome
             if self._shutting_down:
                 await self.db.write(lambda conn: queue.release(conn, build.id, self.owner))
                 log.info("build %s given back to the queue at shutdown", build.id)
@@ -219,6 +255,7 @@ class Worker:
             log.exception("build %s crashed", build.id)
             outcome = BuildOutcome(BuildStatus.failed, "internal", f"{type(exc).__name__}: {exc}")
         held = await self.db.write(lambda conn: _finish(conn, build, self.owner, outcome, started))
+        self._publish(held)
         if held:
             log.info("build %s %s", build.id, outcome.status.value)
         else:
@@ -238,11 +275,10 @@ class Worker:
             except Exception:
                 log.exception("renewing leases failed; will try again")
                 continue
-            for build_id in set(ids) - held:
-                task = self.running.get(build_id)
-                if task is not None:
-                    log.warning("build %s: lease lost (cancelled or taken over); stopping it", build_id)
-                    task.cancel()
+            lost = sorted(set(ids) - held)
+            if lost:
+                log.warning("builds %s ended elsewhere (superseded, cancelled or taken over); stopping them", lost)
+                self.stop_builds(lost)
 
     async def _drain(self) -> None:
         tasks = list(self.running.values())

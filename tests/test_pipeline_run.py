@@ -133,3 +133,53 @@ def test_two_platform_build_push_and_manifest_list(services, database, forge):
     log = database.read_sync(lambda c: telemetry.log_of(c, build.id))
     assert any("Step" in line["line"] and line["platform"] == "linux/arm64" for line in log)
     assert settings.registry_password.get_secret_value() not in json.dumps(log) + json.dumps(seen)
+
+
+def _sleepers(client) -> list:
+    """Running containers of the `RUN sleep 300` step (one list call: no per-container inspect
+    that could race with the engine removing them)."""
+    return [c for c in client.api.containers() if "sleep 300" in c.get("Command", "")]
+
+
+def test_a_superseded_running_build_stops_its_docker_work(services, database, tmp_path):
+    """Superseding a build stuck in a long RUN step stops the engine's work within seconds."""
+    import time
+
+    from bot.models import utcnow
+    from bot.worker import Worker
+    from tests.support import wait_until
+
+    repo = make_repo(tmp_path / "srv", "acme/slow", {
+        # a unique step, so no earlier run's cache can skip it
+        "Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nRUN echo {uuid.uuid4().hex} && sleep 300\n"})
+    client = docker.from_env()
+    with GitHTTPServer(tmp_path / "srv") as server:
+        request = queue.BuildRequest(
+            provider="github", repo="acme/slow", clone_url=server.repo_url("acme/slow"), ref="refs/heads/main",
+            sha=repo.head(), kind=BuildKind.branch, trigger="push", default_branch="main")
+        info = queue.DeliveryInfo("github", "slow-1", "push", None, "acme/slow")
+        first = database.write_sync(lambda c: queue.record_delivery(c, info, request, ["linux/amd64"], utcnow()))
+        settings = settings_for(services, database, platforms=["linux/amd64"])
+        hub = Telemetry(database)
+
+        async def go():
+            worker = Worker(database, settings, Pipeline(settings, hub), bus=hub.bus)
+            task = asyncio.create_task(worker.run_one(first.build_id))
+            async with asyncio.timeout(300):
+                while not _sleepers(client):
+                    assert not task.done(), f"the build ended before its RUN step: {task.result()}"
+                    await asyncio.sleep(0.1)  # polling the engine for the step to start
+            newer = queue.DeliveryInfo("github", "slow-2", "push", None, "acme/slow")
+            second = database.write_sync(lambda c: queue.record_delivery(
+                c, newer, request, ["linux/amd64"], utcnow()))
+            assert second.superseded == [first.build_id]
+            stopped_at = time.monotonic()
+            worker.stop_builds(second.superseded)
+            outcome = await task
+            return outcome, time.monotonic() - stopped_at
+
+        outcome, took = asyncio.run(go())
+    assert outcome.status.value == "superseded" and took < 10
+    wait_until(lambda: not _sleepers(client), 30, "the engine to abandon the RUN step")
+    names = [e["name"] for e in database.read_sync(lambda c: telemetry.events_of(c, first.build_id))]
+    assert names[-1] == "build_cancelled" and "build_platform_succeeded" not in names

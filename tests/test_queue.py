@@ -119,12 +119,20 @@ def test_release_gives_the_build_back_without_counting_the_attempt(db):
     assert (row.status, row.attempts, row.started_at, row.lease_owner) == ("queued", 0, None, None)
 
 
-def test_supersede_touches_queued_builds_only(db):
+def test_supersede_ends_queued_and_running_builds_of_the_ref(db):
     first, = enqueue(db, request(sha="1" * 40))
     db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))  # first is now running
+    finished, = enqueue(db, request(ref="refs/heads/other", sha="9" * 40))
+    db.write_sync(lambda c: queue.claim(c, "w1", LEASE, T0))
+    db.write_sync(lambda c: queue.finish(c, finished, "w1", queue.BuildStatus.succeeded, T0))
     second, = enqueue(db, request(sha="2" * 40))
     third, = enqueue(db, request(sha="3" * 40))
-    assert [status_of(db, i) for i in (first, second, third)] == ["running", "superseded", "queued"]
+    assert [status_of(db, i) for i in (first, second, third)] == ["superseded", "superseded", "queued"]
+    row = db.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == first)).one())
+    assert row.lease_owner is None and row.error_message == f"superseded by build {second}"
+    # the worker holding it no longer does: its renewal tells it to stop
+    assert db.write_sync(lambda c: queue.renew(c, "w1", [first], LEASE, T0)) == set()
+    assert status_of(db, finished) == "succeeded"  # finished builds are never touched
 
 
 def test_queue_depth(db):

@@ -124,13 +124,45 @@ async def test_losing_the_lease_stops_the_build(db, db_url):
     worker = Worker(db, fast_settings(db_url), gate)
     task = asyncio.create_task(worker.run())
     await gate.started.get()
-    # someone else ends it (a cancel from the API, say): the next renewal notices
-    db.write_sync(lambda c: c.execute(update(builds).values(status="cancelled", lease_owner=None)))
+    # another process ends it (a cancel from the API, say): the next renewal notices
+    db.write_sync(lambda c: c.execute(update(builds).values(
+        status="cancelled", lease_owner=None, error_message="cancelled by an operator")))
     async with asyncio.timeout(10):
         assert await gate.cancelled.get() == build_id
+    await until(lambda: len(db.read_sync(lambda c: telemetry.events_of(c, build_id))) == 2)
     worker.stop()
     await task
     assert statuses(db)[build_id] == "cancelled"
+    last = db.read_sync(lambda c: telemetry.events_of(c, build_id))[-1]
+    assert last["name"] == "build_cancelled" and last["data"]["reason"] == "cancelled by an operator"
+
+
+async def test_a_newer_push_stops_the_running_build_at_once(db, db_url):
+    """In one process the webhook tells the worker directly: no waiting for a renewal."""
+    (first,) = enqueue(db, request(sha="1" * 40))
+    gate = Gate()
+    bus = telemetry.Bus()
+    subscription = bus.subscribe()
+    worker = Worker(db, fast_settings(db_url, lease_seconds=600), gate, bus=bus)
+    task = asyncio.create_task(worker.run())
+    await gate.started.get()
+    info = queue.DeliveryInfo("github", "newer", "push", None, "acme/app")
+    recorded = db.write_sync(lambda c: queue.record_delivery(c, info, request(sha="2" * 40), ["linux/amd64"], utcnow()))
+    assert recorded.superseded == [first]
+    worker.stop_builds(recorded.superseded)
+    async with asyncio.timeout(5):  # far less than a renewal period (600 s / 3)
+        assert await gate.cancelled.get() == first
+    names = []
+    async with asyncio.timeout(5):
+        while "build_cancelled" not in names:
+            names.append((await subscription.get())["event"]["name"])
+    gate.finish(recorded.build_id)
+    await until(lambda: statuses(db)[recorded.build_id] == "succeeded")
+    worker.stop()
+    await task
+    assert statuses(db)[first] == "superseded"
+    event = db.read_sync(lambda c: telemetry.events_of(c, first))[-1]
+    assert event["data"]["reason"] == f"superseded by build {recorded.build_id}"
 
 
 async def test_builds_of_a_dead_worker_are_recovered(db, db_url):

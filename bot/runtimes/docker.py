@@ -9,6 +9,8 @@ closes the engine connection, which makes the engine abandon the build or push.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -67,9 +69,32 @@ class _Engine(docker.APIClient):
             for host, c in (registry_auth or {}).items()
         }
 
+        self._streams: list[Any] = []
+
     def _set_auth_headers(self, headers: dict[str, str]) -> None:
         if self._registry_auth:
             headers["X-Registry-Config"] = docker_auth.encode_header(self._registry_auth)
+
+    def _post(self, url: str, **kwargs: Any) -> Any:
+        response = super()._post(url, **kwargs)
+        if kwargs.get("stream"):
+            self._streams.append(response)
+        return response
+
+    def close(self) -> None:
+        """Drop the streaming connections too (Session.close only drops idle ones): the
+        engine sees its client go, and abandons the build or push.
+
+        The socket is shut down rather than closed: a thread may be blocked reading the
+        stream, holding the reader's lock (close would wait for it); shutdown wakes it.
+        """
+        for response in self._streams:
+            sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self._streams.clear()
+        super().close()
 
 
 def _engine(registry_auth: dict[str, Credentials] | None = None, timeout: int = 3600) -> _Engine:

@@ -166,8 +166,11 @@ async def record(request: Request, delivery: DeliveryInfo, decision: Decision) -
     except IntegrityError:
         # Another process stored the same delivery id between our lookup and insert.
         recorded = await db.write_item(record_deliveries, incoming)
-    if recorded.outcome == "queued" and not recorded.duplicate:
-        request.app.state.notify_queued()
+    if not recorded.duplicate:
+        if recorded.superseded or recorded.cancelled:
+            request.app.state.notify_ended(recorded.superseded + recorded.cancelled)
+        if recorded.outcome == "queued":
+            request.app.state.notify_queued()
     log.info(
         "%s delivery %s (%s%s) for %s: %s%s",
         delivery.provider, delivery.delivery_id, delivery.event,
