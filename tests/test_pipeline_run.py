@@ -183,3 +183,50 @@ def test_a_superseded_running_build_stops_its_docker_work(services, database, tm
     wait_until(lambda: not _sleepers(client), 30, "the engine to abandon the RUN step")
     names = [e["name"] for e in database.read_sync(lambda c: telemetry.events_of(c, first.build_id))]
     assert names[-1] == "build_cancelled" and "build_platform_succeeded" not in names
+
+
+def _amd64_only_repo(tmp_path, services, config: str):
+    files = {
+        "Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\n"
+                      f"RUN echo {uuid.uuid4().hex} && [ \"$(uname -m)\" = x86_64 ]\nCMD [\"uname\", \"-m\"]\n",
+    }
+    if config:
+        files[".imagebot.yml"] = config
+    return make_repo(tmp_path / "srv", "acme/app", files)
+
+
+@pytest.mark.parametrize("allow_partial", [True, False])
+def test_a_failing_platform_fails_the_build_unless_partial_is_allowed(services, database, tmp_path, allow_partial):
+    repo = _amd64_only_repo(tmp_path, services, "allow_partial: true\n" if allow_partial else "")
+    with GitHTTPServer(tmp_path / "srv") as server:
+        settings = settings_for(services, database)
+        build = new_build(database, server, repo)
+        outcome = run(settings, database, build)
+    seen = events(database, build)
+    failed = [e for e in seen if e["name"] == "build_platform_failed"]
+    assert [e["platform"] for e in failed] == ["linux/arm64"]
+    assert "returned a non-zero code" in failed[0]["data"]["message"]
+    if allow_partial:
+        assert outcome.status.value == "succeeded" and outcome.partial
+        assert outcome.platforms == ("linux/amd64",)
+        published = next(e for e in seen if e["name"] == "manifest_published")["data"]
+        assert published["platforms"] == ["linux/amd64"] and published["partial"] is True
+    else:
+        assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "build")
+        assert outcome.error_message.startswith("linux/arm64: ")
+        assert not [e for e in seen if e["name"].startswith("manifest_")]
+
+
+def test_oci_image_index(services, database, forge):
+    server, repo = forge
+    settings = settings_for(services, database, manifest_format="oci")
+    build = new_build(database, server, repo)
+    assert run(settings, database, build).status.value == "succeeded"
+    published = events(database, build)[-1]["data"]
+    assert published["media_type"] == "application/vnd.oci.image.index.v1+json"
+    repository = f"{settings.registry}/acme/app".split("/", 1)[1]
+    index = registry_get(services, f"/v2/{repository}/manifests/main", "application/vnd.oci.image.index.v1+json")
+    assert index.status_code == 200 and index.headers["content-type"] == "application/vnd.oci.image.index.v1+json"
+    assert [m["platform"]["architecture"] for m in index.json()["manifests"]] == ["amd64", "arm64"]
+    assert index.headers["docker-content-digest"] == published["digest"]
+    assert run_image(services, f"{settings.registry}/acme/app:main", "linux/arm64") == "aarch64"
