@@ -226,3 +226,43 @@ def test_concurrent_deliveries_with_redeliveries(db_url, tmp_path):
     for ref in bodies:
         statuses = [b["status"] for b in builds_by_id.values() if b["ref"] == ref]
         assert statuses.count("queued") == 1 and set(statuses) <= {"queued", "superseded"}
+
+
+def test_webhook_to_published_image(tmp_path):
+    """A signed push webhook to a real server: the worker fetches, builds both platforms, pushes
+    and publishes; the API then shows the build and its telemetry."""
+    from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
+    from tests.support import infra
+
+    services = infra("docker", "registry", "binfmt", "base-image")
+    repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_TEST_BASE_IMAGE"]))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with GitHTTPServer(tmp_path / "srv") as git:
+        env = bot_env(f"sqlite:///{tmp_path / 'bot.db'}", IMAGEBOT_PLACEHOLDER_BUILD_SECONDS="0",
+                      IMAGEBOT_PLATFORMS="linux/amd64,linux/arm64",
+                      IMAGEBOT_REGISTRY=f"{services['IMAGEBOT_TEST_REGISTRY']}/e2e{free_port()}",
+                      IMAGEBOT_REGISTRY_USERNAME=services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
+                      IMAGEBOT_REGISTRY_PASSWORD=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"])
+        bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot.log").start()
+        try:
+            bot.wait_healthy(url)
+            payload = github_payload("push.payload.4")  # derived: our repo, our commit
+            payload["repository"]["clone_url"] = git.repo_url("acme/app")
+            payload["repository"]["full_name"] = "acme/app"
+            payload["after"] = repo.head()
+            payload["ref"] = "refs/heads/main"
+            payload["repository"]["default_branch"] = "main"
+            body = json.dumps(payload).encode()
+            answer = httpx.post(f"{url}/webhooks/github", content=body, headers=github_headers("push", body, "e2e-1"))
+            assert answer.status_code == 201, answer.text
+            build_id = answer.json()["build_id"]
+            done = wait_until(lambda: (b := build(url, build_id))["status"] in ("succeeded", "failed") and b,
+                              timeout=300, what="the build to finish")
+            names = events(url, build_id)
+        finally:
+            bot.stop()
+    assert done["status"] == "succeeded", (done, bot.log()[-3000:])
+    assert names[0] == "build_started" and names[-2:] == ["manifest_published", "build_succeeded"]
+    assert names.count("push_succeeded") == 2
+    assert services["IMAGEBOT_TEST_REGISTRY_PASSWORD"] not in bot.log()
