@@ -25,18 +25,15 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
+from bot.pipeline import StepError
+
 SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 #: Usernames that go with a token in HTTP Basic auth, per forge.
 TOKEN_USERS = {"github": "x-access-token", "gitlab": "oauth2"}
 
 
-class FetchError(Exception):
+class FetchError(StepError):
     """``kind``: not_found, auth, sha_not_found, timeout, network, failed."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -21,19 +21,15 @@ import docker
 from docker import auth as docker_auth
 from docker.errors import APIError, DockerException
 
+from bot.pipeline import StepError
 from bot.pipeline.credentials import Credentials
 from bot.pipeline.push import RegistryError
 
 LogSink = Callable[[list[str]], Awaitable[None]]
 
 
-class BuildError(Exception):
+class BuildError(StepError):
     """A platform's image could not be built; ``kind`` is build (the Dockerfile) or engine."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass(frozen=True)

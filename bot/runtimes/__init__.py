@@ -1,0 +1,1 @@
+"""Runtimes: where one platform's image is built and pushed (Docker today)."""
