@@ -220,3 +220,18 @@ def test_zero_retries_means_one_attempt(tmp_path, services, database, htpasswd_r
     assert (outcome.status.value, outcome.error_kind) == ("failed", "network")
     failed = [e for e in events(database, build) if e["name"] == "push_failed"]
     assert failed and all((e["data"]["attempts"], e["data"]["retries"]) == (1, 0) for e in failed)
+
+
+def test_a_build_against_a_token_auth_registry(tmp_path, services, database, token_registry):
+    """Bearer-token auth end to end: the engine's pushes and the bot's own manifest calls both
+    get tokens from the realm, scoped to the repository."""
+    base = seed_base(services, token_registry.host, USER, PASSWORD)
+    server, repo = forge_for(tmp_path, base)
+    before = len(token_registry.token_server.requests)
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_with_chaos(settings_on(token_registry, database), database, build, lambda *a: asyncio.sleep(0))
+    assert outcome.status.value == "succeeded", outcome
+    assert events(database, build)[-1]["name"] == "manifest_published"
+    scopes = [s for r in token_registry.token_server.requests[before:] if r.user == USER for s in r.scopes]
+    assert any(s.startswith("repository:it/acme/app:") and "push" in s for s in scopes)
