@@ -143,6 +143,14 @@ def _lines(items: list[dict]) -> list[str]:
     return lines
 
 
+PLATFORM_MIXUP_ATTEMPTS = 3
+
+
+def platform_mixup(message: str) -> bool:
+    """The engine's error when a shared base image tag moved to another platform mid-build."""
+    return "does not match the specified platform" in message
+
+
 class DockerRuntime:
     name = "docker"
 
@@ -150,7 +158,22 @@ class DockerRuntime:
         self.timeout = timeout
 
     async def build(self, job: BuildJob, log: LogSink) -> str:
-        """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`."""
+        """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`.
+
+        The classic builder resolves ``FROM name:tag`` through the engine's one local tag, so
+        two platforms of one build pulling the same base at once can find each other's image
+        ("... does not match the specified platform"); such a build is simply run again.
+        """
+        for attempt in range(1, PLATFORM_MIXUP_ATTEMPTS + 1):
+            try:
+                return await self._build_once(job, log)
+            except BuildError as exc:
+                if not platform_mixup(exc.message) or attempt == PLATFORM_MIXUP_ATTEMPTS:
+                    raise
+                await log([f"imagebot: the engine mixed up the base image's platforms; building again ({attempt})"])
+        raise AssertionError("unreachable")
+
+    async def _build_once(self, job: BuildJob, log: LogSink) -> str:
         engine = _engine(job.pull_credentials, self.timeout)
         image_id: str | None = None
         error: str | None = None

@@ -1,0 +1,21 @@
+"""Pure parts of the Docker runtime (the engine itself is exercised by the pipeline tests)."""
+
+from bot.runtimes.docker import _lines, platform_mixup
+
+
+def test_platform_mixup_is_recognised():
+    # the classic builder's words, as the shared notes recorded them on this engine
+    assert platform_mixup("image with reference 127.0.0.1:5001/base/busybox:latest was found but does "
+                          "not match the specified platform: wanted linux/arm64, actual: linux/amd64")
+    assert not platform_mixup("The command '/bin/sh -c exit 3' returned a non-zero code: 3")
+
+
+def test_log_lines_from_stream_items():
+    items = [
+        {"stream": "Step 1/2 : FROM base\n ---> abc\n"},
+        {"status": "Pulling fs layer", "progressDetail": {}, "id": "x"},
+        {"status": "Downloading", "progress": "[==>   ]", "id": "x"},  # progress bars are noise
+        {"aux": {"ID": "sha256:1"}},
+        {"stream": "\n"},
+    ]
+    assert _lines(items) == ["Step 1/2 : FROM base", " ---> abc", "Pulling fs layer"]
