@@ -19,3 +19,21 @@ def test_log_lines_from_stream_items():
         {"stream": "\n"},
     ]
     assert _lines(items) == ["Step 1/2 : FROM base", " ---> abc", "Pulling fs layer"]
+
+
+def test_from_watch_sees_the_first_from_resolved():
+    from bot.runtimes.docker import FromWatch
+
+    watch = FromWatch()
+    watch.feed(["Step 1/4 : FROM 127.0.0.1:5001/base/busybox:latest", "latest: Pulling from base/busybox"])
+    assert not watch.resolved.is_set()  # still pulling: the next platform must wait
+    watch.feed(["Digest: sha256:abc", " ---> 0123456789ab", "Step 2/4 : ARG TARGETARCH"])
+    assert watch.resolved.is_set()
+
+
+def test_from_watch_ignores_arrows_before_the_first_from():
+    from bot.runtimes.docker import FromWatch
+
+    watch = FromWatch()
+    watch.feed([" ---> stray", "Step 2/3 : FROM later"])
+    assert not watch.resolved.is_set()

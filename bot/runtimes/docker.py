@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ from docker.errors import APIError, DockerException
 from bot.pipeline import StepError
 from bot.pipeline.credentials import Credentials
 from bot.pipeline.push import RegistryError
+from bot.pipeline.tags import platform_parts
 
 LogSink = Callable[[list[str]], Awaitable[None]]
 
@@ -151,11 +153,31 @@ def platform_mixup(message: str) -> bool:
     return "does not match the specified platform" in message
 
 
+class FromWatch:
+    """Watches a classic build's log for its first ``FROM`` step being resolved (the
+    `` ---> <id>`` line that follows ``Step 1/N : FROM ...``)."""
+
+    def __init__(self) -> None:
+        self.resolved = asyncio.Event()
+        self._in_from = False
+
+    def feed(self, lines: list[str]) -> None:
+        for line in lines:
+            if _FIRST_FROM.match(line):
+                self._in_from = True
+            elif self._in_from and line.startswith(" ---> "):
+                self.resolved.set()
+
+
+_FIRST_FROM = re.compile(r"^Step 1/\d+ : FROM ", re.IGNORECASE)
+
+
 class DockerRuntime:
     name = "docker"
 
     def __init__(self, timeout: int = 3600) -> None:
         self.timeout = timeout
+        self._from_lock = asyncio.Lock()
 
     async def build(self, job: BuildJob, log: LogSink) -> str:
         """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`.
@@ -177,6 +199,7 @@ class DockerRuntime:
         engine = _engine(job.pull_credentials, self.timeout)
         image_id: str | None = None
         error: str | None = None
+        first_from = FromWatch()
 
         async def handle(items: list[dict]) -> None:
             nonlocal image_id, error
@@ -187,7 +210,9 @@ class DockerRuntime:
                 aux = item.get("aux")
                 if isinstance(aux, dict) and aux.get("ID"):
                     image_id = aux["ID"]
-            await log(_lines(items))
+            lines = _lines(items)
+            first_from.feed(lines)
+            await log(lines)
 
         def start() -> Iterator[dict]:
             return engine.build(
@@ -197,7 +222,9 @@ class DockerRuntime:
             )
 
         try:
-            await _stream(engine, start, handle)
+            await self._staggered(_stream(engine, start, handle), first_from.resolved)
+            if error is None and image_id is not None:
+                await self._check_platform(engine, image_id, job.platform)
         except APIError as exc:
             raise BuildError("build", str(exc.explanation or exc)) from None
         except DockerException as exc:
@@ -210,6 +237,34 @@ class DockerRuntime:
         if image_id is None:
             raise BuildError("build", "the engine finished the build without an image id")
         return image_id
+
+    async def _staggered(self, stream: Awaitable[None], resolved: asyncio.Event) -> None:
+        """Run a build's stream, holding the runtime's FROM lock until its first FROM is
+        resolved: two platforms never pull one base tag at the same time."""
+        task = asyncio.ensure_future(stream)
+        try:
+            async with self._from_lock:
+                waiter = asyncio.ensure_future(resolved.wait())
+                try:
+                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+            await task
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _check_platform(self, engine: _Engine, image_id: str, platform: str) -> None:
+        """The image must be for the platform asked for, whatever base the engine picked."""
+        config = await asyncio.to_thread(engine.inspect_image, image_id)
+        wanted_os, wanted_arch, wanted_variant = platform_parts(platform)
+        got = (config.get("Os"), config.get("Architecture"))
+        variant_ok = wanted_variant is None or config.get("Variant") in (None, "", wanted_variant)
+        if got != (wanted_os, wanted_arch) or not variant_ok:
+            raise BuildError("build", f"the image was built on a base that does not match the specified "
+                                      f"platform: wanted {platform}, actual: {'/'.join(filter(None, got))}")
 
     async def tag(self, image_id: str, target: str) -> None:
         """Tag ``image_id`` as ``target`` (``repository:tag``)."""

@@ -1,0 +1,581 @@
+"""Pipeline benchmark driver (run through bench/pipeline/run.sh; cwd = repo root).
+
+The same two-platform build + push + manifest list, through ``imagebot build`` and through
+bench/pipeline/plain.sh (the docker CLI, every step in sequence), alternated in one run:
+script cold, imagebot cold, script warm, imagebot warm; repeated ``--reps`` times.
+
+* The repository is served over smart HTTP on loopback by the tests' git stand-in, in this
+  process (``tests/standins/git_http.py``).
+* The base image is made for this run (``<registry>/pb<run>/base:latest``, a manifest list over
+  amd64 and arm64): the shared busybox base by digest plus a random payload per arch, so its
+  big layer exists nowhere else in the engine and a cold ``--pull`` really downloads it.
+* Cold: every image this run made is removed from the engine first (the bench base too), and
+  the contestant pushes to a namespace of its own that is new. Warm: right after, the same
+  namespace, a new commit that changes one line of a COPY'd file (so the heavy RUN before the
+  COPY is a cache hit, the COPY and the RUN after it are not) -- one commit per contestant, so
+  neither finds the other's COPY layer in the cache.
+* Every run is verified in the registry (the list has exactly both platforms, each entry's
+  config has the right os/arch and the revision label of the commit built); a run that fails
+  or does not verify is reported and left out of the medians.
+* The engine's build cache is checked from the build output: a cold run must have no "Using
+  cache" step and must download the base layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.standins.git_http import GitHTTPServer, make_repo  # noqa: E402
+
+PLATFORMS = ["linux/amd64", "linux/arm64"]
+MT_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+MT_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+SHARED_BASE = "base/busybox"  # scripts/infra base-image, on the test registry
+
+
+def say(*args: object) -> None:
+    print("bench:", *args, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the fixture
+
+
+def dockerfile(base: str, work_mb: int, rounds: int) -> str:
+    return (
+        f"FROM {base}\n"
+        "ARG TARGETARCH\n"
+        "# the dependencies: some seconds of CPU (gzip + sha256 over a random file), a layer of "
+        f"{work_mb} MB\n"
+        f"RUN dd if=/dev/urandom of=/opt/deps.bin bs=1M count={work_mb} 2>/dev/null \\\n"
+        f" && for i in $(seq {rounds}); do gzip -c /opt/deps.bin | sha256sum; done > /opt/deps.sums\n"
+        "# the application: a few small files, then a cheap step over them\n"
+        "COPY app/ /app/\n"
+        'RUN sha256sum /app/* > /opt/app.sums && echo "${TARGETARCH:-unknown}" > /opt/arch\n'
+        'CMD ["/app/main.sh"]\n'
+    )
+
+
+def fixture_files(base: str, work_mb: int, rounds: int) -> dict[str, str]:
+    words = " ".join(f"word{i}" for i in range(2000))
+    return {
+        "Dockerfile": dockerfile(base, work_mb, rounds),
+        "app/main.sh": '#!/bin/sh\necho "app $(cat /app/version.txt) on $(cat /opt/arch)"\n',
+        "app/version.txt": "0.0.0\n",
+        "app/config.json": json.dumps({"name": "app", "workers": 2, "words": words}, indent=1) + "\n",
+        "app/README": "The benchmark's application: small files copied after the heavy RUN.\n",
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def infra_env() -> dict[str, str]:
+    out = subprocess.run(["scripts/infra", "env"], capture_output=True, text=True, check=True, timeout=30)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def run_bounded(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None,
+                log: Path | None = None) -> tuple[int, float]:
+    """Run ``cmd`` in its own process group; kill the group after ``timeout``. (rc, seconds).
+
+    Its output goes to ``log``, each line prefixed with the epoch time it was read at (so the
+    phases of a ``docker build`` can be timed from outside, for the plain script too).
+    """
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def copy() -> None:
+        with open(log or os.devnull, "a", errors="replace") as out:
+            for raw in proc.stdout:
+                out.write(f"{time.time():.3f} {raw.decode(errors='replace').rstrip()}\n")
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+        say(f"timed out after {timeout:.0f}s: {' '.join(cmd[:3])} ...")
+    except BaseException:  # interrupted: the contestant (its own session) must not outlive us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    elapsed = time.monotonic() - started
+    reader.join(timeout=10)
+    return rc, elapsed
+
+
+def read_log(log: Path) -> list[tuple[float, str]]:
+    lines = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        stamp, _, text = line.partition(" ")
+        lines.append((float(stamp), text))
+    return lines
+
+
+def build_phases(lines: list[tuple[float, str]]) -> dict[str, float]:
+    """Inside one platform's ``docker build`` output: FROM + pull, the heavy RUN, the rest."""
+    marks: dict[str, float] = {}
+    for ts, text in lines:
+        text = text.strip()
+        for key, prefix in (("s1", "Step 1/"), ("s3", "Step 3/"), ("s4", "Step 4/"), ("end", "Successfully built")):
+            if text.startswith(prefix):
+                marks.setdefault(key, ts)
+    if len(marks) < 4:
+        return {}
+    return {"FROM + pull": marks["s3"] - marks["s1"], "heavy RUN": marks["s4"] - marks["s3"],
+            "COPY .. LABEL": marks["end"] - marks["s4"]}
+
+class Docker:
+    """The docker CLI with this run's own DOCKER_CONFIG (never ~/.docker)."""
+
+    def __init__(self, config_dir: Path, log: Path) -> None:
+        self.env = {**os.environ, "DOCKER_CONFIG": str(config_dir), "DOCKER_BUILDKIT": "0"}
+        self.log = log
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600, stdin: str | None = None) -> str:
+        result = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+                                timeout=timeout, input=stdin)
+        with open(self.log, "a") as f:
+            f.write(f"$ docker {' '.join(args)}\n{result.stdout}{result.stderr}")
+        if check and result.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args[:3])} failed: {result.stderr.strip()[-400:]}")
+        return result.stdout
+
+
+class Registry:
+    def __init__(self, host: str, user: str, password: str) -> None:
+        self.host = host
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def get(self, path: str, accept: str | None = None) -> tuple[dict[str, str], bytes]:
+        req = urllib.request.Request(f"http://{self.host}/v2/{path}", headers={"Authorization": self.auth})
+        if accept:
+            req.add_header("Accept", accept)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+
+    def verify(self, repository: str, tag: str, sha: str) -> list[str]:
+        """Check the list under ``tag``; return its images' config digests (= engine image ids)."""
+        headers, body = self.get(f"{repository}/manifests/{tag}", MT_LIST)
+        listing = json.loads(body)
+        if listing.get("mediaType") != MT_LIST:
+            raise AssertionError(f"{repository}:{tag} is {listing.get('mediaType')}, not a manifest list")
+        seen = {f"{m['platform']['os']}/{m['platform']['architecture']}": m["digest"] for m in listing["manifests"]}
+        if sorted(seen) != sorted(PLATFORMS) or len(listing["manifests"]) != len(PLATFORMS):
+            raise AssertionError(f"{repository}:{tag} lists {sorted(seen)}, not {PLATFORMS}")
+        ids = []
+        for platform, digest in seen.items():
+            _, manifest = self.get(f"{repository}/manifests/{digest}", MT_V2)
+            config_digest = json.loads(manifest)["config"]["digest"]
+            _, config = self.get(f"{repository}/blobs/{config_digest}")
+            config = json.loads(config)
+            got = f"{config['os']}/{config['architecture']}"
+            revision = (config.get("config", {}).get("Labels") or {}).get("org.opencontainers.image.revision")
+            if got != platform or revision != sha:
+                raise AssertionError(f"{repository}:{tag} {platform}: image is {got}, revision {revision}")
+            ids.append(config_digest)
+        return ids
+
+
+def count(lines: list[str], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return sum(1 for line in lines if rx.search(line))
+
+
+def cache_stats(lines: list[str]) -> dict[str, int]:
+    return {
+        "cache_hits": count(lines, r"Using cache"),
+        "pulled": count(lines, r"(^|: )Pull complete"),
+        "pushed": count(lines, r"(^|: )Pushed$"),
+        "mounted": count(lines, r"Mounted from"),
+        # the engine resolved FROM to another platform's image (two builds pulling one tag)
+        "mixups": count(lines, r"WARNING: Pulled image with specified platform"),
+    }
+
+
+def utc(ts: str) -> float:
+    """A telemetry ``ts`` (naive UTC) as epoch seconds."""
+    return datetime.fromisoformat(ts).replace(tzinfo=timezone.utc).timestamp()
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+@dataclass
+class Run:
+    rep: int
+    case: str  # cold / warm
+    who: str  # plain / imagebot
+    namespace: str
+    sha: str
+    wall: float = 0.0
+    ok: bool = False
+    error: str = ""
+    load: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # inside the builds, from the build output
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        env = infra_env()
+        self.reg_host = env["IMAGEBOT_TEST_REGISTRY"]
+        self.user = env["IMAGEBOT_TEST_REGISTRY_USERNAME"]
+        self.password = env["IMAGEBOT_TEST_REGISTRY_PASSWORD"]
+        self.registry = Registry(self.reg_host, self.user, self.password)
+        self.run_id = secrets.token_hex(3)
+        self.prefix = f"pb{self.run_id}"
+        self.work = Path(tempfile.mkdtemp(prefix=f"imagebot-bench-pipeline-{self.run_id}-"))
+        (self.work / "docker-config").mkdir()
+        self.docker = Docker(self.work / "docker-config", self.work / "docker.log")
+        self.base_ids: set[str] = set()
+        self.preexisting: set[str] = set()
+        self.runs: list[Run] = []
+        self.db = self.work / "bot.db"
+        self.base_ref = ""
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def make_base(self) -> None:
+        """``<reg>/pb<run>/base:latest``: the shared busybox (by digest) + a random payload per arch."""
+        self.docker("login", "-u", self.user, "--password-stdin", self.reg_host, stdin=self.password)
+        self.preexisting = set(self.digest_refs())
+        _, body = self.registry.get(f"{SHARED_BASE}/manifests/latest", MT_LIST)
+        digests = {m["platform"]["architecture"]: m["digest"] for m in json.loads(body)["manifests"]}
+        repo = f"{self.reg_host}/{self.prefix}/base"
+        for platform in PLATFORMS:
+            arch = platform.split("/")[1]
+            ctx = self.work / f"base-{arch}"
+            ctx.mkdir()
+            (ctx / "payload").write_bytes(os.urandom(self.args.base_mb << 20))
+            (ctx / "Dockerfile").write_text(
+                f"FROM {self.reg_host}/{SHARED_BASE}@{digests[arch]}\nCOPY payload /opt/base-payload\n")
+            self.docker("build", "--pull", "--platform", platform, "-t", f"{repo}:{arch}", str(ctx))
+            self.docker("push", f"{repo}:{arch}")
+        arches = [f"{repo}:{p.split('/')[1]}" for p in PLATFORMS]
+        self.docker("manifest", "create", "--insecure", f"{repo}:latest", *arches)
+        self.docker("manifest", "push", "--insecure", "--purge", f"{repo}:latest")
+        self.base_ref = f"{repo}:latest"
+        self.base_ids.update(self._base_ids(f"{self.prefix}/base"))
+        say(f"base image {self.base_ref} ({self.args.base_mb} MB payload per arch)")
+
+    def digest_refs(self) -> list[str]:
+        refs = self.docker("image", "ls", "--digests", "--format", "{{.Repository}}@{{.Digest}}", check=False).split()
+        return [r for r in refs if r.startswith(f"{self.reg_host}/{SHARED_BASE}@sha256:")]
+
+    def _base_ids(self, repository: str) -> list[str]:
+        _, body = self.registry.get(f"{repository}/manifests/latest", MT_LIST)
+        ids = []
+        for m in json.loads(body)["manifests"]:
+            _, manifest = self.registry.get(f"{repository}/manifests/{m['digest']}", MT_V2)
+            ids.append(json.loads(manifest)["config"]["digest"])
+        return ids
+
+    def ours(self) -> list[str]:
+        """Every image in the engine built on this run's base images, deepest first.
+
+        They all descend from the bench base (its payload layer is unique to this run), so the
+        ``Parent`` chains find them all, the intermediate per-step images of the classic builder
+        and the leftovers of a failed build included, and nothing of anyone else's.
+        """
+        ids = self.docker("image", "ls", "-aq", "--no-trunc", check=False).split()
+        if not ids:
+            return []
+        out = self.docker("image", "inspect", "-f", "{{.Id}} {{.Parent}}", *sorted(set(ids)), check=False)
+        parent = dict((line.split() + [""])[:2] for line in out.splitlines() if line.strip())
+        found: list[tuple[int, str]] = []
+        for image in parent:
+            depth, node = 0, parent.get(image, "")
+            while node and node not in self.base_ids and depth < 1000:
+                node, depth = parent.get(node, ""), depth + 1
+            if node in self.base_ids:
+                found.append((depth, image))
+        return [image for _, image in sorted(found, reverse=True)]
+
+    def purge(self) -> None:
+        """Remove every image this run made (and the bench base) from the engine.
+
+        Not ``docker image prune``: the engine is shared (tests may be building on it), and a
+        prune can delete another build's intermediate images.
+        """
+        for _ in range(3):
+            doomed = self.ours()
+            if doomed:
+                self.docker("image", "rm", "-f", *doomed, check=False)
+            present = [i for i in sorted(self.base_ids)
+                       if self.docker("image", "inspect", "-f", "{{.Id}}", i, check=False).strip()]
+            if present:
+                self.docker("image", "rm", "-f", *present, check=False)
+            if not self.ours() and not [i for i in sorted(self.base_ids) if self.docker(
+                    "image", "inspect", "-f", "{{.Id}}", i, check=False).strip()]:
+                return
+        raise RuntimeError(f"could not remove this run's images from the engine: {self.ours()}")
+
+    def db_upgrade(self) -> None:
+        rc, _ = run_bounded([str(ROOT / ".venv/bin/imagebot"), "db", "upgrade"], timeout=120,
+                            env=self.bot_env("unused"), cwd=self.work, log=self.work / "imagebot-db.log")
+        if rc != 0:
+            raise RuntimeError(f"imagebot db upgrade failed; see {self.work / 'imagebot-db.log'}")
+
+    def bot_env(self, namespace: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_") or
+               k == "IMAGEBOT_PLATFORM_PARALLELISM"}
+        env.update({
+            "IMAGEBOT_DATABASE_URL": f"sqlite:///{self.db}",
+            "IMAGEBOT_REGISTRY": f"{self.reg_host}/{namespace}",
+            "IMAGEBOT_REGISTRY_USERNAME": self.user,
+            "IMAGEBOT_REGISTRY_PASSWORD": self.password,
+        })
+        return env
+
+    # -- one contestant run ----------------------------------------------------------------------
+
+    def plain(self, run: Run, url: str) -> None:
+        timings = self.work / f"plain-{run.rep}-{run.case}.tsv"
+        log = self.work / f"plain-{run.rep}-{run.case}.log"
+        env = {**os.environ, "REGISTRY_USERNAME": self.user, "REGISTRY_PASSWORD": self.password,
+               "TIMINGS": str(timings), "PLATFORMS": " ".join(PLATFORMS),
+               "STEP_TIMEOUT": str(int(self.args.timeout))}
+        image = f"{self.reg_host}/{run.namespace}/acme/app"
+        launched = time.time()
+        rc, run.wall = run_bounded([str(ROOT / "bench/pipeline/plain.sh"), url, run.sha, image, "main"],
+                                   timeout=self.args.timeout, env=env, cwd=self.work, log=log)
+        ended = launched + run.wall
+        stamped = read_log(log)
+        lines = [text for _, text in stamped]
+        run.stats = cache_stats(lines)
+        if rc != 0:
+            run.error = f"exit {rc}: {' / '.join(lines[-3:])}"
+            return
+        starts = [i for i, (_, text) in enumerate(stamped) if text.startswith("Sending build context")]
+        for n, p in enumerate(PLATFORMS[:len(starts)]):
+            end = starts[n + 1] if n + 1 < len(starts) else len(stamped)
+            for k, v in build_phases(stamped[starts[n]:end]).items():
+                run.phases[f"{k} {p}"] = v
+        spans = [line.split("\t") for line in timings.read_text().splitlines()] if timings.exists() else []
+        if not spans:
+            return
+        run.steps["start-up"] = float(spans[0][1]) - launched
+        for name, start, end in spans:
+            run.steps[name] = run.steps.get(name, 0.0) + float(end) - float(start)
+        run.steps["exit"] = ended - float(spans[-1][2])
+        run.steps["between steps"] = run.wall - sum(run.steps.values())
+
+    def imagebot(self, run: Run, url: str) -> None:
+        log = self.work / f"imagebot-{run.rep}-{run.case}.log"
+        launched = time.time()
+        rc, run.wall = run_bounded(
+            [str(ROOT / ".venv/bin/imagebot"), "build", url, run.sha, "--platform", ",".join(PLATFORMS)],
+            timeout=self.args.timeout, env=self.bot_env(run.namespace), cwd=self.work, log=log)
+        ended = launched + run.wall
+        out = "\n".join(text for _, text in read_log(log))
+        match = re.search(r"^build (\d+): ", out, re.M)
+        if not match:
+            run.error = f"exit {rc}, no build id: {out[-300:]}"
+            return
+        build_id = int(match.group(1))
+        with sqlite3.connect(self.db) as conn:
+            logged = [(platform, utc(ts), line) for platform, ts, line in conn.execute(
+                "SELECT platform, ts, line FROM build_logs WHERE build_id = ? ORDER BY id", (build_id,))]
+            lines = [line for _, _, line in logged]
+            events = [(name, platform, utc(ts), json.loads(data)) for name, platform, ts, data in conn.execute(
+                "SELECT name, platform, ts, data FROM telemetry_events WHERE build_id = ? ORDER BY id", (build_id,))]
+        run.stats = cache_stats(lines)
+        if rc != 0:
+            run.error = f"exit {rc}: {' / '.join(out.strip().splitlines()[-2:])}"
+            return
+        for p in PLATFORMS:
+            for k, v in build_phases([(ts, line) for platform, ts, line in logged if platform == p]).items():
+                run.phases[f"{k} {p}"] = v
+        first = {}
+        for name, platform, ts, data in events:
+            first.setdefault((name, platform), (ts, data))
+
+        def at(name: str, platform: str | None = None) -> float:
+            return first[(name, platform)][0]
+
+        def dur(name: str, platform: str | None = None) -> float:
+            return float(first[(name, platform)][1]["duration_s"])
+
+        s = run.steps
+        s["start-up"] = at("build_started") - launched
+        s["fetch"] = at("fetch_succeeded") - at("build_started")
+        s["config + plan"] = min(at("build_platform_started", p) for p in PLATFORMS) - at("fetch_succeeded")
+        for p in PLATFORMS:
+            s[f"build {p}"] = dur("build_platform_succeeded", p)
+            s[f"tag {p}"] = at("tag_succeeded", p) - at("tag_started", p)
+            s[f"push {p}"] = dur("push_succeeded", p)
+        s["platforms critical path"] = max(at("push_succeeded", p) for p in PLATFORMS) - min(
+            at("build_platform_started", p) for p in PLATFORMS)
+        s["manifest"] = at("manifest_published") - at("manifest_started")
+        s["pipeline"] = dur("build_succeeded")
+        s["exit"] = ended - at("build_succeeded")
+
+    def one(self, rep: int, case: str, who: str, url: str, sha: str, namespace: str) -> Run:
+        run = Run(rep, case, who, namespace, sha, load=os.getloadavg()[0])
+        say(f"rep {rep} {case:4} {who:8} building {sha[:7]} into {namespace} ...")
+        try:
+            (self.plain if who == "plain" else self.imagebot)(run, url)
+            if not run.error:
+                for tag in (f"sha-{sha[:7]}", "main", "latest"):
+                    self.registry.verify(f"{namespace}/acme/app", tag, sha)
+                if case == "cold" and (run.stats["cache_hits"] or not run.stats["pulled"]):
+                    raise AssertionError(f"not cold: {run.stats}")
+                if case == "warm" and run.stats["cache_hits"] < 2 * len(PLATFORMS):  # ARG + heavy RUN
+                    raise AssertionError(f"not warm: {run.stats}")
+                run.ok = True
+        except (AssertionError, urllib.error.URLError, KeyError, ValueError, OSError) as exc:
+            run.error = f"{type(exc).__name__}: {exc}"
+        say(f"rep {rep} {case:4} {who:8} {'ok' if run.ok else 'FAILED'} in {run.wall:.2f}s {run.stats}"
+            + (f" {run.error}" if run.error else ""))
+        self.runs.append(run)
+        return run
+
+    def main(self) -> int:
+        say(f"run {self.run_id}, work dir {self.work}")
+        try:
+            self.make_base()
+            self.db_upgrade()
+            repo = make_repo(self.work / "git", "acme/app",
+                             fixture_files(self.base_ref, self.args.work_mb, self.args.rounds))
+            with GitHTTPServer(self.work / "git") as git:
+                url = git.repo_url("acme/app")
+                say(f"git repo {url}")
+                for rep in range(1, self.args.reps + 1):
+                    ns = {who: f"{self.prefix}/r{rep}{who[0]}" for who in ("plain", "imagebot")}
+                    cold = repo.commit({"app/version.txt": f"{rep}.0.0\n"}, f"rep {rep}")
+                    for who in ("plain", "imagebot"):
+                        self.purge()
+                        self.one(rep, "cold", who, url, cold, ns[who])
+                    for who in ("plain", "imagebot"):
+                        warm = repo.commit({"app/version.txt": f"{rep}.0.1-{who}\n"}, f"rep {rep} {who}")
+                        self.one(rep, "warm", who, url, warm, ns[who])
+        except BaseException:
+            say(f"stopped; logs kept in {self.work}")
+            raise
+        finally:
+            try:
+                self.purge()
+                for ref in set(self.digest_refs()) - self.preexisting:  # what make_base pulled by digest
+                    self.docker("image", "rm", ref, check=False)
+            except Exception as exc:  # noqa: BLE001 - report, keep cleaning up
+                say(f"cleanup: {exc}")
+            shutil.rmtree(self.work / "docker-config", ignore_errors=True)  # holds the registry login
+        self.report()
+        raw = Path(tempfile.gettempdir()) / f"imagebot-bench-pipeline-{self.run_id}.json"
+        raw.write_text(json.dumps([r.__dict__ for r in self.runs], indent=1))
+        ok = bool(self.runs) and all(r.ok for r in self.runs)
+        if ok and not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+            say(f"raw results: {raw}")
+        else:
+            say(f"raw results: {raw}; logs kept in {self.work}")
+        return 0 if ok else 1
+
+    # -- the report ------------------------------------------------------------------------------
+
+    def report(self) -> None:
+        a = self.args
+
+        def med(who: str, case: str) -> float | None:
+            walls = [r.wall for r in self.runs if r.ok and r.who == who and r.case == case]
+            return statistics.median(walls) if walls else None
+
+        def fmt(value: float | None) -> str:
+            return f"{value:.2f}" if value is not None else "-"
+
+        parallelism = os.environ.get("IMAGEBOT_PLATFORM_PARALLELISM", "2 (default)")
+        print(f"\n| case | plain docker CLI s | imagebot s | imagebot/plain | runs ok |"
+              f"  (median of {a.reps}; base +{a.base_mb} MB/arch, RUN {a.rounds}x gzip of {a.work_mb} MB; "
+              f"IMAGEBOT_PLATFORM_PARALLELISM={parallelism})")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for case in ("cold", "warm"):
+            p, b = med("plain", case), med("imagebot", case)
+            ok = sum(1 for r in self.runs if r.ok and r.case == case)
+            total = sum(1 for r in self.runs if r.case == case)
+            ratio = f"{b / p:.2f}" if p and b else "-"
+            print(f"| {case} | {fmt(p)} | {fmt(b)} | {ratio} | {ok}/{total} |")
+        mixed = [r for r in self.runs if r.stats.get("mixups")]
+        print("\ntarget: imagebot <= 0.8x the script")
+        if mixed:
+            print(f"platform mix-ups (a build got another platform's base image): "
+                  f"{', '.join(f'rep {r.rep} {r.case} {r.who}' for r in mixed)}")
+        print()
+
+        print("| rep | case | contestant | wall s | load1 | cache hits | layers pulled | pushed | mounted "
+              "| platform mix-ups | ok |")
+        print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for r in self.runs:
+            st = r.stats
+            print(f"| {r.rep} | {r.case} | {r.who} | {r.wall:.2f} | {r.load:.2f} | {st.get('cache_hits', '-')} | "
+                  f"{st.get('pulled', '-')} | {st.get('pushed', '-')} | {st.get('mounted', '-')} | "
+                  f"{st.get('mixups', '-')} | "
+                  f"{'yes' if r.ok else 'NO: ' + r.error[:120]} |")
+
+        rows = ["start-up", "login", "fetch", "config + plan"]
+        for p in PLATFORMS:
+            rows += [f"build {p}", f"FROM + pull {p}", f"heavy RUN {p}", f"COPY .. LABEL {p}", f"tag {p}", f"push {p}"]
+        rows += ["platforms critical path", "manifest", "pipeline", "exit", "between steps"]
+        cols = [(who, case) for case in ("cold", "warm") for who in ("plain", "imagebot")]
+
+        def cell(who: str, case: str, row: str) -> str:
+            vals = [(r.steps | r.phases)[row] for r in self.runs
+                    if r.ok and r.who == who and r.case == case and row in (r.steps | r.phases)]
+            return f"{statistics.median(vals):.2f}" if vals else "-"
+
+        print("\n| where the time goes (median s) | " + " | ".join(f"{w} {c}" for w, c in cols) + " |")
+        print("| --- |" + " ---: |" * len(cols))
+        for row in rows:
+            label = f"&nbsp;&nbsp;{row}" if row.split(" linux/")[0] in ("FROM + pull", "heavy RUN", "COPY .. LABEL") else row
+            print(f"| {label} | " + " | ".join(cell(w, c, row) for w, c in cols) + " |")
+        print("| **wall** | " + " | ".join(f"**{fmt(med(w, c))}**" for w, c in cols) + " |")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the 4 runs (default 3)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per contestant run (default 900)")
+    parser.add_argument("--base-mb", type=int, default=24, help="random payload per arch in the base image")
+    parser.add_argument("--work-mb", type=int, default=16, help="size of the file the heavy RUN makes")
+    parser.add_argument("--rounds", type=int, default=6, help="gzip|sha256sum passes over it in the RUN")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, repo, DB) after success")
+    args = parser.parse_args()
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the running contestant is killed and the engine purged
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    return Bench(args).main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
