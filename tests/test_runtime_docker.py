@@ -37,3 +37,26 @@ def test_from_watch_ignores_arrows_before_the_first_from():
     watch = FromWatch()
     watch.feed([" ---> stray", "Step 2/3 : FROM later"])
     assert not watch.resolved.is_set()
+
+
+def test_dockerfile_bases():
+    from bot.runtimes.docker import _split_ref, dockerfile_bases
+
+    text = """
+    # syntax=docker/dockerfile:1
+    ARG BASE=alpine
+    FROM --platform=$BUILDPLATFORM golang:1.22 AS build
+    RUN go build
+    from registry.local:5000/base/busybox:latest as runtime
+    FROM build AS test
+    FROM ${BASE}
+    FROM scratch
+    FROM ghcr.io/acme/tool@sha256:abc
+    FROM golang:1.22
+    """
+    assert dockerfile_bases(text) == [
+        "golang:1.22", "registry.local:5000/base/busybox:latest", "ghcr.io/acme/tool@sha256:abc"]
+    assert _split_ref("registry.local:5000/base/busybox") == ("registry.local:5000/base/busybox", "latest")
+    assert _split_ref("registry.local:5000/base/busybox:1.2") == ("registry.local:5000/base/busybox", "1.2")
+    assert _split_ref("ghcr.io/acme/tool@sha256:abc") == ("ghcr.io/acme/tool@sha256:abc", None)
+    assert _split_ref("busybox") == ("busybox", "latest")

@@ -146,6 +146,31 @@ def _lines(items: list[dict]) -> list[str]:
 
 
 PLATFORM_MIXUP_ATTEMPTS = 3
+_FROM_LINE = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(?P<ref>\S+)(?:\s+AS\s+(?P<stage>\S+))?", re.I | re.M)
+
+
+def dockerfile_bases(text: str) -> list[str]:
+    """The images a Dockerfile's FROM lines pull: not ``scratch``, not earlier stages, and not
+    references built from ARGs (those cannot be known before the build)."""
+    stages: set[str] = set()
+    bases: list[str] = []
+    for match in _FROM_LINE.finditer(text):
+        ref, stage = match["ref"], match["stage"]
+        if ref.lower() != "scratch" and ref.lower() not in stages and "$" not in ref and ref not in bases:
+            bases.append(ref)
+        if stage:
+            stages.add(stage.lower())
+    return bases
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    """(repository, tag) of an image reference; a digest reference has no tag to pin."""
+    if "@" in ref:
+        return ref, None
+    name, _, tag = ref.rpartition(":")
+    if not name or "/" in tag:
+        return ref, "latest"
+    return name, tag
 
 
 def platform_mixup(message: str) -> bool:
@@ -222,7 +247,8 @@ class DockerRuntime:
             )
 
         try:
-            await self._staggered(_stream(engine, start, handle), first_from.resolved)
+            await self._staggered(_stream(engine, start, handle), first_from.resolved,
+                                  lambda: self._pin_bases(engine, job, log))
             if error is None and image_id is not None:
                 await self._check_platform(engine, image_id, job.platform)
         except APIError as exc:
@@ -238,12 +264,16 @@ class DockerRuntime:
             raise BuildError("build", "the engine finished the build without an image id")
         return image_id
 
-    async def _staggered(self, stream: Awaitable[None], resolved: asyncio.Event) -> None:
-        """Run a build's stream, holding the runtime's FROM lock until its first FROM is
-        resolved: two platforms never pull one base tag at the same time."""
-        task = asyncio.ensure_future(stream)
+    async def _staggered(self, stream: Awaitable[None], resolved: asyncio.Event,
+                         pin: Callable[[], Awaitable[None]]) -> None:
+        """Pin the base images to this platform, start the build, and hold the runtime's FROM
+        lock until its first FROM is resolved: no other platform moves the base tags between
+        the pin and the moment the engine reads them."""
+        task: asyncio.Future | None = None
         try:
             async with self._from_lock:
+                await pin()
+                task = asyncio.ensure_future(stream)
                 waiter = asyncio.ensure_future(resolved.wait())
                 try:
                     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -251,10 +281,65 @@ class DockerRuntime:
                     waiter.cancel()
             await task
         finally:
-            if not task.done():
+            if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            elif task is None and asyncio.iscoroutine(stream):
+                stream.close()
+
+    async def _pin_bases(self, engine: _Engine, job: BuildJob, log: LogSink) -> None:
+        """Point each base image's tag at its image for ``job.platform``.
+
+        The engine keeps one local tag per name; pulling a platform whose image is already
+        present leaves the tag where another platform's pull put it, and the classic builder
+        then resolves FROM to the wrong platform.
+        """
+        try:
+            text = job.dockerfile.read_text(errors="replace")
+        except OSError:
+            return
+        wanted = platform_parts(job.platform)
+        for ref in dockerfile_bases(text):
+            repository, tag = _split_ref(ref)
+            if tag is None:
+                continue  # pinned by digest already
+            digest = await asyncio.to_thread(self._pull, engine, repository, tag, job.platform)
+            if digest is None:
+                continue  # the build's own pull will report the problem
+            image_id = await asyncio.to_thread(self._local_image, engine, repository, digest, wanted)
+            if image_id is not None:
+                await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
+            else:
+                await log([f"imagebot: no local {job.platform} image of {ref} after pulling it"])
+
+    @staticmethod
+    def _pull(engine: _Engine, repository: str, tag: str, platform: str) -> str | None:
+        """Pull ``repository:tag`` for ``platform``; the digest the registry named, or None."""
+        digest = None
+        try:
+            for item in engine.pull(repository, tag=tag, platform=platform, stream=True, decode=True):
+                if "error" in item:
+                    return None
+                status = str(item.get("status", ""))
+                if status.startswith("Digest: "):
+                    digest = status.removeprefix("Digest: ").strip()
+        except DockerException:
+            return None
+        return digest
+
+    @staticmethod
+    def _local_image(engine: _Engine, repository: str, digest: str, wanted: tuple) -> str | None:
+        os_, arch, variant = wanted
+        for summary in engine.images(name=repository):
+            if f"{repository}@{digest}" not in (summary.get("RepoDigests") or []):
+                continue
+            config = engine.inspect_image(summary["Id"])
+            if (config.get("Os"), config.get("Architecture")) == (os_, arch) and (
+                variant is None or config.get("Variant") in (None, "", variant)
+            ):
+                return summary["Id"]
+        return None
 
     async def _check_platform(self, engine: _Engine, image_id: str, platform: str) -> None:
         """The image must be for the platform asked for, whatever base the engine picked."""
