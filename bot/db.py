@@ -230,12 +230,24 @@ def alembic_config(url: str):
     return config
 
 
+def _at_head(engine: Engine) -> bool:
+    """Whether the database is already at the newest migration (one query, no Alembic run)."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current is not None and current == ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (``imagebot db upgrade``; ``serve`` runs it too)."""
     from alembic import command
 
     engine = make_engine(url, writer=True)
     try:
+        if revision == "head" and _at_head(engine):
+            return
         with engine.begin() as conn:
             config = alembic_config(url)
             config.attributes["connection"] = conn

@@ -165,7 +165,16 @@ class Pipeline:
             async with gate:
                 return await self._platform(build, plan, platform, context, dockerfile, credentials)
 
-        return list(await asyncio.gather(*(one(p) for p in plan.platforms)))
+        # Emulated platforms are the long pole: start them first, report in the plan's order.
+        native = build_platform()
+        order = sorted(plan.platforms, key=lambda p: p == native)
+        tasks = {p: asyncio.ensure_future(one(p)) for p in order}
+        try:
+            await asyncio.gather(*tasks.values())
+        finally:
+            for task in tasks.values():
+                task.cancel()
+        return [tasks[p].result() for p in plan.platforms]
 
     async def _conclude(self, build: Build, plan: Plan, results: list[PlatformResult], started: float) -> BuildOutcome:
         good = [r for r in results if r.ok]

@@ -239,16 +239,21 @@ class DockerRuntime:
             first_from.feed(lines)
             await log(lines)
 
+        pinned = False
+
         def start() -> Iterator[dict]:
             return engine.build(
                 path=str(job.context), dockerfile=str(job.dockerfile), tag=job.tag,
-                platform=job.platform, pull=True, rm=True, forcerm=True, decode=True,
+                platform=job.platform, pull=not pinned, rm=True, forcerm=True, decode=True,
                 buildargs=job.build_args, labels=job.labels, target=job.target,
             )
 
+        async def pin() -> None:
+            nonlocal pinned
+            pinned = await self._pin_bases(engine, job, log)
+
         try:
-            await self._staggered(_stream(engine, start, handle), first_from.resolved,
-                                  lambda: self._pin_bases(engine, job, log))
+            await self._staggered(_stream(engine, start, handle), first_from.resolved, pin)
             if error is None and image_id is not None:
                 await self._check_platform(engine, image_id, job.platform)
         except APIError as exc:
@@ -288,30 +293,36 @@ class DockerRuntime:
             elif task is None and asyncio.iscoroutine(stream):
                 stream.close()
 
-    async def _pin_bases(self, engine: _Engine, job: BuildJob, log: LogSink) -> None:
+    async def _pin_bases(self, engine: _Engine, job: BuildJob, log: LogSink) -> bool:
         """Point each base image's tag at its image for ``job.platform``.
 
         The engine keeps one local tag per name; pulling a platform whose image is already
         present leaves the tag where another platform's pull put it, and the classic builder
-        then resolves FROM to the wrong platform.
+        then resolves FROM to the wrong platform. Returns whether every base was pinned (then
+        the build need not pull again).
         """
         try:
             text = job.dockerfile.read_text(errors="replace")
         except OSError:
-            return
+            return False
+        if re.search(r"^\s*FROM\s+(--platform=\S+\s+)?\S*\$", text, re.I | re.M):
+            return False  # a base named by an ARG: only the build knows it
         wanted = platform_parts(job.platform)
+        pinned = True
         for ref in dockerfile_bases(text):
             repository, tag = _split_ref(ref)
             if tag is None:
                 continue  # pinned by digest already
             digest = await asyncio.to_thread(self._pull, engine, repository, tag, job.platform)
-            if digest is None:
-                continue  # the build's own pull will report the problem
-            image_id = await asyncio.to_thread(self._local_image, engine, repository, digest, wanted)
-            if image_id is not None:
-                await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
-            else:
-                await log([f"imagebot: no local {job.platform} image of {ref} after pulling it"])
+            image_id = (await asyncio.to_thread(self._local_image, engine, repository, digest, wanted)
+                        if digest else None)
+            if image_id is None:
+                pinned = False  # the build's own pull will report the problem
+                if digest:
+                    await log([f"imagebot: no local {job.platform} image of {ref} after pulling it"])
+                continue
+            await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
+        return pinned
 
     @staticmethod
     def _pull(engine: _Engine, repository: str, tag: str, platform: str) -> str | None:
