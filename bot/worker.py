@@ -97,15 +97,19 @@ def _finish(
     )
 
 
-def _ended_elsewhere(conn: Connection, build_id: int, started: float) -> tuple[BuildOutcome, dict]:
-    """The build was superseded or cancelled while it ran here: say so in its telemetry."""
+def _ended_elsewhere(conn: Connection, build_id: int, started: float) -> tuple[BuildOutcome, dict | None]:
+    """The build was superseded or cancelled while it ran here: say so in its telemetry.
+    (If another worker took it over instead, it goes on there, and nothing is recorded.)"""
     row = conn.execute(
         select(builds.c.status, builds.c.error_message).where(builds.c.id == build_id)
     ).one()
+    status = BuildStatus(row.status)
+    if not status.final:
+        return BuildOutcome(BuildStatus.cancelled, error_message="taken over by another worker"), None
     reason = row.error_message or f"the build was {row.status} while it ran"
     event = telemetry.record(conn, build_id, "build_cancelled", utcnow(),
                              duration_s=round(time.monotonic() - started, 3), reason=reason)
-    return BuildOutcome(BuildStatus(row.status), error_message=reason), event
+    return BuildOutcome(status, error_message=reason), event
 
 
 class Worker:

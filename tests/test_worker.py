@@ -205,3 +205,20 @@ async def test_graceful_stop_lets_builds_finish_within_the_grace_period(db, db_u
     gate.finish(build_id)
     await task
     assert statuses(db)[build_id] == "succeeded"
+
+
+async def test_a_build_taken_over_elsewhere_stops_here_without_ending(db, db_url):
+    """A worker whose lease expired and was taken over stops its copy; the build goes on."""
+    (build_id,) = enqueue(db, request())
+    gate = Gate()
+    worker = Worker(db, fast_settings(db_url), gate)
+    task = asyncio.create_task(worker.run())
+    await gate.started.get()
+    db.write_sync(lambda c: c.execute(update(builds).values(lease_owner="another-worker")))
+    async with asyncio.timeout(10):
+        assert await gate.cancelled.get() == build_id
+    worker.stop()
+    await task
+    assert statuses(db)[build_id] == "running"  # still the other worker's
+    names = [e["name"] for e in db.read_sync(lambda c: telemetry.events_of(c, build_id))]
+    assert names == ["build_started"]
