@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from bot.models import Build, BuildKind, BuildStatus, utcnow
 from bot.pipeline import tags
 from bot.pipeline.config import ConfigError, RepoConfig, load_config, resolve_paths
@@ -145,10 +147,10 @@ class Pipeline:
                         method=checkout.method)
         return checkout
 
-    def _forge_token(self, build: Build):
+    def _forge_token(self, build: Build) -> SecretStr | None:
+        """The token git fetches with: the forge's (GitHub App installation tokens come with
+        the reporters' App auth)."""
         if self.forge_tokens is not None:
-            from pydantic import SecretStr
-
             token = self.forge_tokens.get(build.provider)
             return SecretStr(token) if token else None
         if build.provider == "gitlab":
