@@ -1,8 +1,16 @@
 """Pipeline benchmark driver (run through bench/pipeline/run.sh; cwd = repo root).
 
-The same two-platform build + push + manifest list, through ``imagebot build`` and through
-bench/pipeline/plain.sh (the docker CLI, every step in sequence), alternated in one run:
-script cold, imagebot cold, script warm, imagebot warm; repeated ``--reps`` times.
+The same two-platform build + push + manifest list, through ``imagebot build`` (the CLI),
+through ``imagebot serve`` (a signed GitHub push webhook, then polling ``/api/builds/{id}``)
+and through bench/pipeline/plain.sh (the docker CLI, every step in sequence), alternated in one
+run: script cold, CLI cold, serve cold, script warm, CLI warm, serve warm; repeated ``--reps``
+times.
+
+* One ``imagebot serve`` process serves the whole run (started before the first rep, stopped
+  after the last; its start-up is in no build's time). A served build's wall time runs from
+  sending the webhook until the API shows it ``succeeded``. The server's registry setting is
+  fixed, so each served commit carries a ``.imagebot.yml`` whose ``image:`` puts the image in
+  that rep's own namespace (the other contestants' commits do not have the file).
 
 * The repository is served over smart HTTP on loopback by the tests' git stand-in, in this
   process (``tests/standins/git_http.py``).
@@ -25,12 +33,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import hmac
+import http.client
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -53,6 +65,12 @@ PLATFORMS = ["linux/amd64", "linux/arm64"]
 MT_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 MT_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 SHARED_BASE = "base/busybox"  # scripts/infra base-image, on the test registry
+CONTESTANTS = ("plain", "imagebot", "serve")  # the order of the runs in each case
+LABELS = {"plain": "plain", "imagebot": "imagebot CLI", "serve": "imagebot serve"}
+NS_LETTER = {"plain": "p", "imagebot": "i", "serve": "s"}
+#: A recorded GitHub push delivery; the fields a build depends on are overridden per build.
+PUSH_PAYLOAD = ROOT / "tests/data/webhooks/github/push.payload.4.json"
+POLL_S = 0.025  # how often a served build's status is polled
 
 
 def say(*args: object) -> None:
@@ -230,7 +248,7 @@ def utc(ts: str) -> float:
 class Run:
     rep: int
     case: str  # cold / warm
-    who: str  # plain / imagebot
+    who: str  # plain / imagebot (the CLI) / serve
     namespace: str
     sha: str
     wall: float = 0.0
@@ -260,6 +278,11 @@ class Bench:
         self.runs: list[Run] = []
         self.db = self.work / "bot.db"
         self.base_ref = ""
+        self.serve_db = self.work / "serve.db"
+        self.serve_secret = secrets.token_hex(20)
+        self.serve_proc: subprocess.Popen | None = None
+        self.serve_port = 0
+        self.serve_starts = 0
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -401,22 +424,38 @@ class Bench:
             run.error = f"exit {rc}, no build id: {out[-300:]}"
             return
         build_id = int(match.group(1))
-        with sqlite3.connect(self.db) as conn:
-            logged = [(platform, utc(ts), line) for platform, ts, line in conn.execute(
-                "SELECT platform, ts, line FROM build_logs WHERE build_id = ? ORDER BY id", (build_id,))]
-            lines = [line for _, _, line in logged]
-            events = [(name, platform, utc(ts), json.loads(data)) for name, platform, ts, data in conn.execute(
-                "SELECT name, platform, ts, data FROM telemetry_events WHERE build_id = ? ORDER BY id", (build_id,))]
-        run.stats = cache_stats(lines)
+        first = self.telemetry(run, self.db, build_id)
         if rc != 0:
             run.error = f"exit {rc}: {' / '.join(out.strip().splitlines()[-2:])}"
             return
+        run.steps["start-up"] = first[("build_started", None)][0] - launched
+        self.pipeline_steps(run, first)
+        run.steps["exit"] = ended - first[("build_succeeded", None)][0]
+
+    @staticmethod
+    def telemetry(run: Run, db: Path, build_id: int) -> dict[tuple[str, str | None], tuple[float, dict]]:
+        """Read a build's log and events from imagebot's DB: cache stats and build phases go into
+        ``run``; returns the first event of each (name, platform) as (epoch ts, data)."""
+        conn = sqlite3.connect(db)
+        try:
+            logged = [(platform, utc(ts), line) for platform, ts, line in conn.execute(
+                "SELECT platform, ts, line FROM build_logs WHERE build_id = ? ORDER BY id", (build_id,))]
+            events = [(name, platform, utc(ts), json.loads(data)) for name, platform, ts, data in conn.execute(
+                "SELECT name, platform, ts, data FROM telemetry_events WHERE build_id = ? ORDER BY id", (build_id,))]
+        finally:
+            conn.close()
+        run.stats = cache_stats([line for _, _, line in logged])
         for p in PLATFORMS:
             for k, v in build_phases([(ts, line) for platform, ts, line in logged if platform == p]).items():
                 run.phases[f"{k} {p}"] = v
-        first = {}
+        first: dict[tuple[str, str | None], tuple[float, dict]] = {}
         for name, platform, ts, data in events:
             first.setdefault((name, platform), (ts, data))
+        return first
+
+    @staticmethod
+    def pipeline_steps(run: Run, first: dict[tuple[str, str | None], tuple[float, dict]]) -> None:
+        """The steps of one imagebot build from its telemetry (the same for the CLI and serve)."""
 
         def at(name: str, platform: str | None = None) -> float:
             return first[(name, platform)][0]
@@ -425,7 +464,6 @@ class Bench:
             return float(first[(name, platform)][1]["duration_s"])
 
         s = run.steps
-        s["start-up"] = at("build_started") - launched
         s["fetch"] = at("fetch_succeeded") - at("build_started")
         s["config + plan"] = min(at("build_platform_started", p) for p in PLATFORMS) - at("fetch_succeeded")
         for p in PLATFORMS:
@@ -436,13 +474,139 @@ class Bench:
             at("build_platform_started", p) for p in PLATFORMS)
         s["manifest"] = at("manifest_published") - at("manifest_started")
         s["pipeline"] = dur("build_succeeded")
-        s["exit"] = ended - at("build_succeeded")
+
+    # -- the served contestant -------------------------------------------------------------------
+
+    def serve_env(self) -> dict[str, str]:
+        env = self.bot_env("unused")
+        env.update({
+            "IMAGEBOT_DATABASE_URL": f"sqlite:///{self.serve_db}",
+            # the run's prefix; each served commit's .imagebot.yml adds r<rep>s/acme/app below it
+            "IMAGEBOT_REGISTRY": f"{self.reg_host}/{self.prefix}",
+            "IMAGEBOT_GITHUB_WEBHOOK_SECRET": self.serve_secret,
+            "IMAGEBOT_PLATFORMS": ",".join(PLATFORMS),
+            "IMAGEBOT_POLL_SECONDS": "0.2",
+        })
+        return env
+
+    def http(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+             timeout: float = 30) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.serve_port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except http.client.HTTPException as exc:  # a broken answer counts as a connection error
+            raise OSError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw) if raw else {}
+        except ValueError:
+            return resp.status, {"raw": raw[:300].decode(errors="replace")}
+
+    def start_serve(self) -> None:
+        """One ``imagebot serve`` on a free loopback port, in its own process group; wait until
+        ``/healthz`` answers (migrating the new DB is part of that, not of any build)."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.serve_port = sock.getsockname()[1]
+        self.serve_starts += 1
+        log = open(self.work / f"serve-{self.serve_starts}.log", "ab")
+        started = time.monotonic()
+        self.serve_proc = subprocess.Popen(
+            [str(ROOT / ".venv/bin/imagebot"), "serve", "--port", str(self.serve_port)],
+            env=self.serve_env(), cwd=self.work, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        while time.monotonic() - started < 120:
+            if self.serve_proc.poll() is not None:
+                raise RuntimeError(f"imagebot serve exited with {self.serve_proc.returncode}; "
+                                   f"see {self.work}/serve-{self.serve_starts}.log")
+            try:
+                if self.http("GET", "/healthz", timeout=2)[0] == 200:
+                    say(f"imagebot serve on 127.0.0.1:{self.serve_port} (pid {self.serve_proc.pid}), "
+                        f"ready after {time.monotonic() - started:.2f}s")
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop_serve()
+        raise RuntimeError("imagebot serve did not answer /healthz within 120 s")
+
+    def stop_serve(self) -> None:
+        """SIGTERM to the server's process group (a graceful stop), SIGKILL if it lingers."""
+        proc, self.serve_proc = self.serve_proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            proc.wait()
+
+    def serve(self, run: Run, url: str) -> None:
+        if self.serve_proc is None or self.serve_proc.poll() is not None:
+            say("imagebot serve is not running; starting it again")
+            self.start_serve()
+        payload = json.loads(PUSH_PAYLOAD.read_text())
+        payload.update(ref="refs/heads/main", after=run.sha)
+        payload["repository"].update(full_name="acme/app", clone_url=url, default_branch="main")
+        payload["head_commit"].update(id=run.sha, message=f"bench rep {run.rep} {run.case}")
+        body = json.dumps(payload).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": f"bench-{self.run_id}-{run.rep}-{run.case}-{secrets.token_hex(4)}",
+            "X-Hub-Signature-256": "sha256=" + hmac.new(self.serve_secret.encode(), body, hashlib.sha256).hexdigest(),
+        }
+        sent = time.time()
+        t0 = time.monotonic()
+        deadline = t0 + self.args.timeout
+        status, answer = self.http("POST", "/webhooks/github", body, headers)
+        answered = time.monotonic() - t0
+        build_id = answer.get("build_id")
+        if status != 201 or answer.get("outcome") != "queued" or build_id is None:
+            run.wall = time.monotonic() - t0
+            run.error = f"webhook answered {status}: {answer}"
+            return
+        state = "queued"
+        while True:
+            try:
+                code, build = self.http("GET", f"/api/builds/{build_id}")
+            except OSError as exc:
+                code, build = 0, {"error": str(exc)}
+            now = time.monotonic()
+            state = build.get("status", state) if code == 200 else state
+            if state not in ("queued", "running"):
+                break
+            if now >= deadline or self.serve_proc.poll() is not None:
+                run.wall = now - t0
+                run.error = (f"timed out after {self.args.timeout:.0f}s" if now >= deadline else
+                             f"imagebot serve exited with {self.serve_proc.returncode}") + f" (build {build_id} {state})"
+                say(run.error + "; stopping imagebot serve (a new one serves the next run)")
+                self.stop_serve()  # the build may still hold the engine; its server goes with it
+                return
+            time.sleep(POLL_S)
+        run.wall = now - t0
+        ended = sent + run.wall
+        first = self.telemetry(run, self.serve_db, build_id)
+        if state != "succeeded":
+            run.error = f"build {build_id} {state}: {build.get('error')}"
+            return
+        run.steps["webhook answered"] = answered
+        run.steps["queue pickup"] = first[("build_started", None)][0] - sent
+        self.pipeline_steps(run, first)
+        run.steps["status seen"] = ended - first[("build_succeeded", None)][0]
 
     def one(self, rep: int, case: str, who: str, url: str, sha: str, namespace: str) -> Run:
         run = Run(rep, case, who, namespace, sha, load=os.getloadavg()[0])
-        say(f"rep {rep} {case:4} {who:8} building {sha[:7]} into {namespace} ...")
+        say(f"rep {rep} {case:4} {LABELS[who]:14} building {sha[:7]} into {namespace} ...")
         try:
-            (self.plain if who == "plain" else self.imagebot)(run, url)
+            {"plain": self.plain, "imagebot": self.imagebot, "serve": self.serve}[who](run, url)
             if not run.error:
                 for tag in (f"sha-{sha[:7]}", "main", "latest"):
                     self.registry.verify(f"{namespace}/acme/app", tag, sha)
@@ -453,7 +617,7 @@ class Bench:
                 run.ok = True
         except (AssertionError, urllib.error.URLError, KeyError, ValueError, OSError) as exc:
             run.error = f"{type(exc).__name__}: {exc}"
-        say(f"rep {rep} {case:4} {who:8} {'ok' if run.ok else 'FAILED'} in {run.wall:.2f}s {run.stats}"
+        say(f"rep {rep} {case:4} {LABELS[who]:14} {'ok' if run.ok else 'FAILED'} in {run.wall:.2f}s {run.stats}"
             + (f" {run.error}" if run.error else ""))
         self.runs.append(run)
         return run
@@ -465,22 +629,34 @@ class Bench:
             self.db_upgrade()
             repo = make_repo(self.work / "git", "acme/app",
                              fixture_files(self.base_ref, self.args.work_mb, self.args.rounds))
+            self.start_serve()
             with GitHTTPServer(self.work / "git") as git:
                 url = git.repo_url("acme/app")
                 say(f"git repo {url}")
                 for rep in range(1, self.args.reps + 1):
-                    ns = {who: f"{self.prefix}/r{rep}{who[0]}" for who in ("plain", "imagebot")}
-                    cold = repo.commit({"app/version.txt": f"{rep}.0.0\n"}, f"rep {rep}")
-                    for who in ("plain", "imagebot"):
+                    ns = {who: f"{self.prefix}/r{rep}{NS_LETTER[who]}" for who in CONTESTANTS}
+                    # The server's IMAGEBOT_REGISTRY is the run's prefix; a served commit names its
+                    # rep's namespace below it in .imagebot.yml, which no other contestant's has.
+                    own = {who: {".imagebot.yml": f"image: r{rep}s/acme/app\n" if who == "serve" else None}
+                           for who in CONTESTANTS}
+                    cold = repo.commit({"app/version.txt": f"{rep}.0.0\n", **own["plain"]}, f"rep {rep}")
+                    # serve's cold commit: the same tree plus its .imagebot.yml
+                    cold_of = {"plain": cold, "imagebot": cold,
+                               "serve": repo.commit(own["serve"], f"rep {rep} serve")}
+                    for who in CONTESTANTS:
                         self.purge()
-                        self.one(rep, "cold", who, url, cold, ns[who])
-                    for who in ("plain", "imagebot"):
-                        warm = repo.commit({"app/version.txt": f"{rep}.0.1-{who}\n"}, f"rep {rep} {who}")
+                        self.one(rep, "cold", who, url, cold_of[who], ns[who])
+                    for who in CONTESTANTS:
+                        warm = repo.commit({"app/version.txt": f"{rep}.0.1-{who}\n", **own[who]}, f"rep {rep} {who}")
                         self.one(rep, "warm", who, url, warm, ns[who])
         except BaseException:
             say(f"stopped; logs kept in {self.work}")
             raise
         finally:
+            try:
+                self.stop_serve()
+            except Exception as exc:  # noqa: BLE001 - report, keep cleaning up
+                say(f"stopping imagebot serve: {exc}")
             try:
                 self.purge()
                 for ref in set(self.digest_refs()) - self.preexisting:  # what make_base pulled by digest
@@ -512,21 +688,24 @@ class Bench:
             return f"{value:.2f}" if value is not None else "-"
 
         parallelism = os.environ.get("IMAGEBOT_PLATFORM_PARALLELISM", "2 (default)")
-        print(f"\n| case | plain docker CLI s | imagebot s | imagebot/plain | runs ok |"
-              f"  (median of {a.reps}; base +{a.base_mb} MB/arch, RUN {a.rounds}x gzip of {a.work_mb} MB; "
-              f"IMAGEBOT_PLATFORM_PARALLELISM={parallelism})")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print(f"\n| case | plain docker CLI s | imagebot CLI s | imagebot serve s | CLI/plain | serve/plain "
+              f"| runs ok |  (median of {a.reps}; base +{a.base_mb} MB/arch, RUN {a.rounds}x gzip of "
+              f"{a.work_mb} MB; IMAGEBOT_PLATFORM_PARALLELISM={parallelism})")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for case in ("cold", "warm"):
-            p, b = med("plain", case), med("imagebot", case)
+            p, b, v = med("plain", case), med("imagebot", case), med("serve", case)
             ok = sum(1 for r in self.runs if r.ok and r.case == case)
             total = sum(1 for r in self.runs if r.case == case)
-            ratio = f"{b / p:.2f}" if p and b else "-"
-            print(f"| {case} | {fmt(p)} | {fmt(b)} | {ratio} | {ok}/{total} |")
+            ratio_b = f"{b / p:.2f}" if p and b else "-"
+            ratio_v = f"{v / p:.2f}" if p and v else "-"
+            print(f"| {case} | {fmt(p)} | {fmt(b)} | {fmt(v)} | {ratio_b} | {ratio_v} | {ok}/{total} |")
         mixed = [r for r in self.runs if r.stats.get("mixups")]
         print("\ntarget: imagebot <= 0.8x the script")
+        if self.serve_starts > 1:
+            print(f"imagebot serve was started {self.serve_starts} times (after a run that timed out or a crash)")
         if mixed:
             print(f"platform mix-ups (a build got another platform's base image): "
-                  f"{', '.join(f'rep {r.rep} {r.case} {r.who}' for r in mixed)}")
+                  f"{', '.join(f'rep {r.rep} {r.case} {LABELS[r.who]}' for r in mixed)}")
         print()
 
         print("| rep | case | contestant | wall s | load1 | cache hits | layers pulled | pushed | mounted "
@@ -534,23 +713,23 @@ class Bench:
         print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for r in self.runs:
             st = r.stats
-            print(f"| {r.rep} | {r.case} | {r.who} | {r.wall:.2f} | {r.load:.2f} | {st.get('cache_hits', '-')} | "
+            print(f"| {r.rep} | {r.case} | {LABELS[r.who]} | {r.wall:.2f} | {r.load:.2f} | {st.get('cache_hits', '-')} | "
                   f"{st.get('pulled', '-')} | {st.get('pushed', '-')} | {st.get('mounted', '-')} | "
                   f"{st.get('mixups', '-')} | "
                   f"{'yes' if r.ok else 'NO: ' + r.error[:120]} |")
 
-        rows = ["start-up", "login", "fetch", "config + plan"]
+        rows = ["start-up", "webhook answered", "queue pickup", "login", "fetch", "config + plan"]
         for p in PLATFORMS:
             rows += [f"build {p}", f"FROM + pull {p}", f"heavy RUN {p}", f"COPY .. LABEL {p}", f"tag {p}", f"push {p}"]
-        rows += ["platforms critical path", "manifest", "pipeline", "exit", "between steps"]
-        cols = [(who, case) for case in ("cold", "warm") for who in ("plain", "imagebot")]
+        rows += ["platforms critical path", "manifest", "pipeline", "exit", "status seen", "between steps"]
+        cols = [(who, case) for case in ("cold", "warm") for who in CONTESTANTS]
 
         def cell(who: str, case: str, row: str) -> str:
             vals = [(r.steps | r.phases)[row] for r in self.runs
                     if r.ok and r.who == who and r.case == case and row in (r.steps | r.phases)]
             return f"{statistics.median(vals):.2f}" if vals else "-"
 
-        print("\n| where the time goes (median s) | " + " | ".join(f"{w} {c}" for w, c in cols) + " |")
+        print("\n| where the time goes (median s) | " + " | ".join(f"{LABELS[w]} {c}" for w, c in cols) + " |")
         print("| --- |" + " ---: |" * len(cols))
         for row in rows:
             label = f"&nbsp;&nbsp;{row}" if row.split(" linux/")[0] in ("FROM + pull", "heavy RUN", "COPY .. LABEL") else row
@@ -564,7 +743,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of the 4 runs (default 3)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the 6 runs (default 3)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per contestant run (default 900)")
     parser.add_argument("--base-mb", type=int, default=24, help="random payload per arch in the base image")
     parser.add_argument("--work-mb", type=int, default=16, help="size of the file the heavy RUN makes")
