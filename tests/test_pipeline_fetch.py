@@ -130,6 +130,11 @@ def test_environment_isolates_git_and_scopes_the_header():
         ("fatal: unable to access 'https://x/': Failed to connect to x port 443: Connection refused", "network"),
         ("fatal: the remote end hung up unexpectedly\nfatal: early EOF", "network"),
         ("something else entirely", "failed"),
+        ("fatal: unable to access 'http://x/': The requested URL returned error: 403", "auth"),
+        ("fatal: unable to access 'http://x/': The requested URL returned error: 404", "not_found"),
+        # a port is no HTTP status (this once made a missing repository look like an auth failure)
+        ("remote: Repository not found.\nfatal: repository 'http://127.0.0.1:33401/a.git/' not found", "not_found"),
+        ("fatal: unable to access 'http://127.0.0.1:40403/a.git/': Failed to connect: Connection refused", "network"),
     ],
 )
 def test_classify(stderr, kind):

@@ -44,13 +44,22 @@ class Checkout:
     duration_s: float
 
 
+_HTTP_ERROR = re.compile(r"(?:returned error|http status|status code)[: ]+(\d{3})\b", re.I)
+
+
 def classify(stderr: str) -> str:
-    """The kind of a failed git fetch, from what git printed."""
+    """The kind of a failed git fetch, from what git printed.
+
+    HTTP statuses are read from git's own wording ("The requested URL returned error: 403"),
+    never as bare digits: a URL's port (127.0.0.1:33401) is no status.
+    """
     text = stderr.lower()
-    if any(s in text for s in ("authentication failed", "could not read username",
-                                "could not read password", "401", "403")):
+    statuses = {int(code) for code in _HTTP_ERROR.findall(stderr)}
+    if statuses & {401, 403} or any(s in text for s in (
+            "authentication failed", "could not read username", "could not read password")):
         return "auth"
-    if any(s in text for s in ("repository not found", "not found", "404", "does not appear to be a git")):
+    if 404 in statuses or any(s in text for s in (
+            "repository not found", "not found", "does not appear to be a git")):
         return "not_found"
     if any(s in text for s in ("not our ref", "unadvertised object", "couldn't find remote ref",
                                 "no such remote ref", "remote error: upload-pack")):
