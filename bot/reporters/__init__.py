@@ -1,0 +1,1 @@
+"""Reporting back to the forges: commit statuses (and, later, check runs) for every build."""

@@ -1,0 +1,172 @@
+"""GitHub's side of reporting: auth (a token, or a GitHub App's installation tokens) and the
+REST calls, through gidgethub's httpx backend against ``GITHUB_API_URL`` (github.com or GitHub
+Enterprise Server).
+
+Failures become :class:`GitHubError` with a ``kind`` and the server's retry hint, classified
+by a plain function of the response (status and headers), so the sender can back off as GitHub
+asks: ``Retry-After`` for secondary rate limits and 429s, ``X-RateLimit-Reset`` when the
+primary limit is used up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+from gidgethub import GitHubException
+from gidgethub import apps as github_apps
+from gidgethub.httpx import GitHubAPI
+
+from bot.reporters.commit_status import CommitStatus
+from bot.settings import Settings
+
+USER_AGENT = "imagebot"
+#: An installation token is renewed this long before GitHub says it expires.
+TOKEN_MARGIN_SECONDS = 300
+
+
+class GitHubError(Exception):
+    """``kind``: server, rate_limited, auth, invalid, not_found, network, unknown."""
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("server", "rate_limited", "network")
+
+
+def classify(status: int, headers: Mapping[str, str], message: str = "", now: float | None = None) -> GitHubError:
+    """A GitHub error response as a :class:`GitHubError` (pure: status and headers in)."""
+    now = time.time() if now is None else now
+    lower = {k.lower(): v for k, v in headers.items()}
+    retry_after = _seconds(lower.get("retry-after"))
+    if lower.get("x-ratelimit-remaining") == "0" and status in (403, 429):
+        reset = _seconds(lower.get("x-ratelimit-reset"))
+        wait = max(0.0, reset - now) if reset is not None else None
+        return GitHubError("rate_limited", message or "rate limit exhausted", status=status,
+                           retry_after=retry_after if retry_after is not None else wait)
+    if status == 429 or (status == 403 and retry_after is not None):
+        return GitHubError("rate_limited", message or "secondary rate limit", status=status,
+                           retry_after=retry_after)
+    if status >= 500:
+        return GitHubError("server", message or f"GitHub answered {status}", status=status, retry_after=retry_after)
+    kind = {401: "auth", 403: "auth", 404: "not_found", 422: "invalid"}.get(status, "unknown")
+    return GitHubError(kind, message or f"GitHub answered {status}", status=status)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class _API(GitHubAPI):
+    """gidgethub's client, keeping the last response's headers: its exceptions drop them, and
+    the retry hints are in them."""
+
+    last_headers: Mapping[str, str] = {}
+
+    async def _request(self, method: str, url: str, headers: Mapping[str, str], body: bytes = b""):
+        status, response_headers, data = await super()._request(method, url, headers, body)
+        self.last_headers = response_headers
+        return status, response_headers, data
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+class GitHubClient:
+    """One bot's GitHub access: ``token`` mode (commit statuses) or ``app`` mode (statuses and
+    check runs, with an installation token per installation, cached until near expiry)."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
+        self.settings = settings
+        self.base_url = settings.github_api_url
+        self.http = http or httpx.AsyncClient(timeout=30.0)
+        self._tokens: dict[int, _Token] = {}
+        self.token_requests = 0  # installation tokens fetched (tests and metrics read it)
+
+    @property
+    def mode(self) -> str | None:
+        if self.settings.github_app_id is not None:
+            return "app"
+        return "token" if self.settings.github_token is not None else None
+
+    def _private_key(self) -> str:
+        s = self.settings
+        if s.github_private_key is not None:
+            return s.github_private_key.get_secret_value()
+        assert s.github_private_key_path is not None
+        return s.github_private_key_path.read_text()
+
+    def _api(self) -> _API:
+        return _API(self.http, USER_AGENT, base_url=self.base_url)
+
+    async def token(self, installation_id: int | None) -> str:
+        """The token for a call about a repository of ``installation_id``."""
+        if self.mode == "token":
+            return self.settings.github_token.get_secret_value()
+        if self.mode != "app":
+            raise GitHubError("auth", "no GitHub credentials are configured (IMAGEBOT_GITHUB_TOKEN or an App)")
+        if installation_id is None:
+            raise GitHubError("auth", "the build has no installation id; GitHub App mode needs one")
+        cached = self._tokens.get(installation_id)
+        if cached is not None and cached.expires_at - TOKEN_MARGIN_SECONDS > time.time():
+            return cached.value
+        api = self._api()
+        try:
+            answer = await github_apps.get_installation_access_token(
+                api, installation_id=str(installation_id), app_id=str(self.settings.github_app_id),
+                private_key=self._private_key(),
+            )
+        except GitHubException as exc:
+            raise self._error(exc, api) from None
+        except httpx.TransportError as exc:
+            raise GitHubError("network", f"{type(exc).__name__}: {exc}") from None
+        self.token_requests += 1
+        expires = datetime.fromisoformat(answer["expires_at"].replace("Z", "+00:00")).timestamp()
+        self._tokens[installation_id] = _Token(answer["token"], expires)
+        return answer["token"]
+
+    def forget_token(self, installation_id: int | None) -> None:
+        """Drop a cached installation token (GitHub refused it: fetch a fresh one next time)."""
+        if installation_id is not None:
+            self._tokens.pop(installation_id, None)
+
+    async def create_status(self, repo: str, sha: str, status: CommitStatus, context: str,
+                            installation_id: int | None = None) -> dict[str, Any]:
+        """POST /repos/{owner}/{repo}/statuses/{sha}."""
+        token = await self.token(installation_id)
+        api = self._api()
+        body = {"state": status.state, "description": status.description,
+                "target_url": status.target_url, "context": context}
+        try:
+            return await api.post(f"/repos/{repo}/statuses/{sha}", data=body, oauth_token=token)
+        except GitHubException as exc:
+            error = self._error(exc, api)
+            if error.kind == "auth":
+                self.forget_token(installation_id)
+            raise error from None
+        except httpx.TransportError as exc:
+            raise GitHubError("network", f"{type(exc).__name__}: {exc}") from None
+
+    @staticmethod
+    def _error(exc: GitHubException, api: _API) -> GitHubError:
+        status = getattr(getattr(exc, "status_code", None), "value", None) or getattr(exc, "status_code", 0)
+        return classify(int(status or 0), api.last_headers, str(exc))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
