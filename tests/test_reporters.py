@@ -11,7 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bot.models import BuildStatus
 from bot.reporters.commit_status import commit_status
-from bot.reporters.github import GitHubClient, GitHubError, classify
+from bot.reporters.errors import ReportError as GitHubError
+from bot.reporters.errors import classify
+from bot.reporters.github import GitHubClient
 from tests.standins.github import GitHubStandIn
 from tests.support import make_settings
 
@@ -66,6 +68,10 @@ def test_descriptions_fit_githubs_limit():
         (404, {}, "not_found", None),
         (422, {}, "invalid", None),
         (418, {}, "unknown", None),
+        # GitLab's names for the same hints
+        (429, {"RateLimit-Remaining": "0", "RateLimit-Reset": "1010"}, "rate_limited", 10.0),
+        (429, {"Retry-After": "5", "RateLimit-Remaining": "0"}, "rate_limited", 5.0),
+        (400, {}, "invalid", None),
     ],
 )
 def test_classify(status, headers, kind, retry_after):

@@ -2,10 +2,9 @@
 REST calls, through gidgethub's httpx backend against ``GITHUB_API_URL`` (github.com or GitHub
 Enterprise Server).
 
-Failures become :class:`GitHubError` with a ``kind`` and the server's retry hint, classified
-by a plain function of the response (status and headers), so the sender can back off as GitHub
-asks: ``Retry-After`` for secondary rate limits and 429s, ``X-RateLimit-Reset`` when the
-primary limit is used up.
+Failures become :class:`bot.reporters.errors.ReportError` with a ``kind`` and the server's
+retry hint, so the sender can back off as GitHub asks: ``Retry-After`` for secondary rate
+limits and 429s, ``X-RateLimit-Reset`` when the primary limit is used up.
 """
 
 from __future__ import annotations
@@ -22,52 +21,15 @@ from gidgethub import apps as github_apps
 from gidgethub.httpx import GitHubAPI
 
 from bot.reporters.commit_status import CommitStatus
+from bot.reporters.errors import ReportError, classify
 from bot.settings import Settings
+
+#: Kept for readers of GitHub's side; the same error type serves every forge.
+GitHubError = ReportError
 
 USER_AGENT = "imagebot"
 #: An installation token is renewed this long before GitHub says it expires.
 TOKEN_MARGIN_SECONDS = 300
-
-
-class GitHubError(Exception):
-    """``kind``: server, rate_limited, auth, invalid, not_found, network, unknown."""
-
-    def __init__(self, kind: str, message: str, *, status: int | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.status = status
-        self.retry_after = retry_after
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind in ("server", "rate_limited", "network")
-
-
-def classify(status: int, headers: Mapping[str, str], message: str = "", now: float | None = None) -> GitHubError:
-    """A GitHub error response as a :class:`GitHubError` (pure: status and headers in)."""
-    now = time.time() if now is None else now
-    lower = {k.lower(): v for k, v in headers.items()}
-    retry_after = _seconds(lower.get("retry-after"))
-    if lower.get("x-ratelimit-remaining") == "0" and status in (403, 429):
-        reset = _seconds(lower.get("x-ratelimit-reset"))
-        wait = max(0.0, reset - now) if reset is not None else None
-        return GitHubError("rate_limited", message or "rate limit exhausted", status=status,
-                           retry_after=retry_after if retry_after is not None else wait)
-    if status == 429 or (status == 403 and retry_after is not None):
-        return GitHubError("rate_limited", message or "secondary rate limit", status=status,
-                           retry_after=retry_after)
-    if status >= 500:
-        return GitHubError("server", message or f"GitHub answered {status}", status=status, retry_after=retry_after)
-    kind = {401: "auth", 403: "auth", 404: "not_found", 422: "invalid"}.get(status, "unknown")
-    return GitHubError(kind, message or f"GitHub answered {status}", status=status)
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 class _API(GitHubAPI):
