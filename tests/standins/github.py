@@ -31,7 +31,6 @@ import itertools
 import json
 import re
 import secrets
-import socket
 import string
 import threading
 import time
@@ -45,7 +44,6 @@ from typing import Any
 from urllib.parse import quote
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jsonschema import Draft4Validator, FormatChecker
 from jsonschema.exceptions import best_match
@@ -53,6 +51,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from tests.standins._uvicorn import ThreadedServer
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "github" / "api-subset.json"
 
@@ -397,67 +397,27 @@ class GitHubStandIn:
                           self.rate_limit)
         self._generation = 0
         self._wake = asyncio.Event()  # set (from the loop) to end every pending ``delay`` at once
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._crash: BaseException | None = None
-        self.url = ""
+        self._http = ThreadedServer("GitHub stand-in")
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._http.port}" if self._http.port else ""
+
     def start(self) -> GitHubStandIn:
         """Bind a free port, serve in a thread, and return once uvicorn reports ``started``."""
-        if self._thread is not None:
-            raise RuntimeError("GitHub stand-in already started")
-        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only when the
-        # listening socket says TCP, and without it keep-alive requests take 40 ms (delayed ACK).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            create_app(self), lifespan="off", log_config=None, log_level="warning",
-            access_log=False, server_header=False, timeout_graceful_shutdown=2,
-        )
-        self._server = uvicorn.Server(config)
-        self._ready.clear()
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(sock),), name=f"github-standin-{sock.getsockname()[1]}", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(timeout=10) or not self._server.started:
-            self.stop()
-            raise RuntimeError(f"GitHub stand-in did not start: {self._crash!r}")
+        self._http.start(lambda: create_app(self))
         return self
-
-    async def _serve(self, sock: socket.socket) -> None:
-        assert self._server is not None
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        try:
-            while not self._server.started and not task.done():
-                await asyncio.sleep(0.005)  # readiness poll, inside the server's own loop
-            self._ready.set()
-            await task
-        except BaseException as exc:  # surfaced by start(); a thread has nobody to raise to
-            self._crash = exc
-        finally:
-            self._ready.set()
-            sock.close()
 
     def stop(self) -> None:
         """Shut uvicorn down; requests held by ``delay`` are woken and dropped, so it is prompt."""
-        if self._thread is None or self._server is None:
+        if not self._http.running:
             return
-        self._server.should_exit = True
         with self._lock:
             self._generation += 1
         self._wake_held_requests()
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        self._thread = None
+        self._http.stop()
 
     def __enter__(self) -> GitHubStandIn:
         return self.start()
@@ -467,9 +427,9 @@ class GitHubStandIn:
 
     def _wake_held_requests(self) -> None:
         held, self._wake = self._wake, asyncio.Event()
-        if self._loop is not None:
+        if self._http.loop is not None:
             try:
-                self._loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
+                self._http.loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
             except RuntimeError:  # loop already closed: nothing is waiting
                 pass
 

@@ -70,7 +70,6 @@ from typing import Any, Literal
 
 import httpx
 import jwt
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -79,6 +78,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.standins._uvicorn import ThreadedServer
 
 REGISTRY_BINARY = "docker-registry"
 HTPASSWD_BINARY = "htpasswd"
@@ -279,6 +280,17 @@ class RegistryProcess:
 
     # ------------------------------------------------------------------ reading the registry
 
+    users: dict[str, str]  # each kind of registry keeps its users
+
+    def auth_config(self, user: str | None = None, password: str | None = None) -> dict[str, str]:
+        """``auth_config`` for the Docker SDK's ``push``/``pull`` (default: the first user)."""
+        user = user if user is not None else next(iter(self.users))
+        return {
+            "username": user,
+            "password": password if password is not None else self.users[user],
+            "serveraddress": self.host,
+        }
+
     def _auth_headers(self, repository: str) -> dict[str, str]:
         raise NotImplementedError
 
@@ -379,15 +391,6 @@ class HtpasswdRegistry(RegistryProcess):
     def remove_user(self, user: str) -> None:
         self.users.pop(user, None)
         self._write_htpasswd()
-
-    def auth_config(self, user: str | None = None, password: str | None = None) -> dict[str, str]:
-        """``auth_config`` for the Docker SDK's ``push``/``pull``."""
-        user = user if user is not None else next(iter(self.users))
-        return {
-            "username": user,
-            "password": password if password is not None else self.users[user],
-            "serveraddress": self.host,
-        }
 
     def _auth_headers(self, repository: str) -> dict[str, str]:
         user, password = next(iter(self.users.items()))
@@ -547,12 +550,8 @@ class TokenServer:
         self._seq = itertools.count(1)
         self._lock = threading.RLock()
         self.port = port if port is not None else 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http = ThreadedServer("token server", graceful_shutdown=1)
         self._release: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._crash: BaseException | None = None
 
     # ------------------------------------------------------------------ addresses
 
@@ -572,55 +571,22 @@ class TokenServer:
 
     def start(self) -> TokenServer:
         """Serve on ``port`` (first start: a free one; restarts: the same) in a thread."""
-        if self._thread is not None:
-            raise RuntimeError("token server already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app(), lifespan="off", log_config=None, log_level="warning",
-            access_log=False, server_header=False, timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._ready.clear()
-        self._crash = None
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(sock),), name=f"token-server-{self.port}", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(timeout=10) or not self._server.started:
-            self.stop()
-            raise RuntimeError(f"token server did not start: {self._crash!r}")
+        self.port = self._http.start(self._app, self.port, on_loop=self._new_release)
         return self
 
-    async def _serve(self, sock: socket.socket) -> None:
-        assert self._server is not None
-        self._loop = asyncio.get_running_loop()
-        self._release = asyncio.Event()
-        task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        try:
-            while not self._server.started and not task.done():
-                await asyncio.sleep(0.005)  # readiness poll inside the server's own loop
-            self._ready.set()
-            await task
-        except BaseException as exc:  # surfaced by start()
-            self._crash = exc
-        finally:
-            self._ready.set()
-            sock.close()
+    @property
+    def running(self) -> bool:
+        return self._http.running
+
+    def _new_release(self) -> None:
+        self._release = asyncio.Event()  # belongs to the server's loop: created there
 
     def stop(self) -> None:
         """Stop serving (hanging requests are released first); state and key are kept."""
-        if self._thread is None or self._server is None:
+        if not self._http.running:
             return
         self.release()
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        self._thread = None
+        self._http.stop()
 
     def __enter__(self) -> TokenServer:
         return self.start()
@@ -685,11 +651,12 @@ class TokenServer:
 
     def release(self) -> None:
         """End every hang now (those requests then get their fault's status)."""
-        if self._loop is None or self._release is None:
+        loop = self._http.loop
+        if loop is None or self._release is None:
             return
         held, self._release = self._release, asyncio.Event()  # later hangs wait on a new one
         try:
-            self._loop.call_soon_threadsafe(held.set)
+            loop.call_soon_threadsafe(held.set)
         except RuntimeError:  # loop closed: nothing hangs
             pass
 
@@ -967,7 +934,7 @@ class TokenRegistry(RegistryProcess):
         }}
 
     def start(self) -> TokenRegistry:
-        if self.token_server._thread is None:
+        if not self.token_server.running:
             self.token_server.start()
         try:
             super().start()
@@ -1009,14 +976,6 @@ class TokenRegistry(RegistryProcess):
 
     def mint(self, user: str | None, scopes: Iterable[str | Scope] = (), **kwargs: Any) -> str:
         return self.token_server.mint(user, scopes, **kwargs)
-
-    def auth_config(self, user: str | None = None, password: str | None = None) -> dict[str, str]:
-        user = user if user is not None else next(iter(self.users))
-        return {
-            "username": user,
-            "password": password if password is not None else self.users[user],
-            "serveraddress": self.host,
-        }
 
     def _auth_headers(self, repository: str) -> dict[str, str]:
         token = self.mint("admin", [f"repository:{repository}:pull"], apply_acl=False, ttl=REGISTRY_TOKEN_LEEWAY + 60)
