@@ -91,3 +91,52 @@ class ThreadedServer:
             self._server.force_exit = True
             self._thread.join(timeout=STOP_TIMEOUT)
         self._thread = None
+
+
+class ForgeStandIn:
+    """The lifecycle the forge stand-ins share: serve ``create_app(self)``, and on stop (or
+    reset) wake the requests an artificial ``delay`` holds, so they are dropped, not handled.
+
+    Subclasses set ``_http``, ``_lock``, ``_generation`` and ``_wake`` and provide
+    ``_create_app()``.
+    """
+
+    _http: ThreadedServer
+    _lock: threading.RLock
+    _generation: int
+    _wake: asyncio.Event
+
+    def _create_app(self) -> ASGIApp:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._http.port}" if self._http.port else ""
+
+    def start(self):
+        """Bind a free port, serve in a thread, and return once uvicorn reports ``started``."""
+        self._http.start(self._create_app)
+        return self
+
+    def stop(self) -> None:
+        """Shut uvicorn down; requests held by ``delay`` are woken and dropped, so it is prompt."""
+        if not self._http.running:
+            return
+        with self._lock:
+            self._generation += 1
+        self._wake_held_requests()
+        self._http.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _wake_held_requests(self) -> None:
+        held, self._wake = self._wake, asyncio.Event()
+        if self._http.loop is not None:
+            try:
+                self._http.loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
+            except RuntimeError:  # loop already closed: nothing is waiting
+                pass

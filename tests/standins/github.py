@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.standins._uvicorn import ThreadedServer
+from tests.standins._uvicorn import ForgeStandIn, ThreadedServer
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "github" / "api-subset.json"
 
@@ -327,7 +327,7 @@ def _basic_error(message: str, status: int, docs: str = DOCS_ROOT) -> dict[str, 
 # --------------------------------------------------------------------------- the stand-in
 
 
-class GitHubStandIn:
+class GitHubStandIn(ForgeStandIn):
     """GitHub's REST API for imagebot's four operations, on 127.0.0.1 in a background thread.
 
     ``tokens`` are accepted as ``Authorization: token X`` or ``Bearer X`` on repository
@@ -401,37 +401,8 @@ class GitHubStandIn:
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._http.port}" if self._http.port else ""
-
-    def start(self) -> GitHubStandIn:
-        """Bind a free port, serve in a thread, and return once uvicorn reports ``started``."""
-        self._http.start(lambda: create_app(self))
-        return self
-
-    def stop(self) -> None:
-        """Shut uvicorn down; requests held by ``delay`` are woken and dropped, so it is prompt."""
-        if not self._http.running:
-            return
-        with self._lock:
-            self._generation += 1
-        self._wake_held_requests()
-        self._http.stop()
-
-    def __enter__(self) -> GitHubStandIn:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _wake_held_requests(self) -> None:
-        held, self._wake = self._wake, asyncio.Event()
-        if self._http.loop is not None:
-            try:
-                self._http.loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
-            except RuntimeError:  # loop already closed: nothing is waiting
-                pass
+    def _create_app(self) -> Starlette:
+        return create_app(self)
 
     # ------------------------------------------------------------------ test API
 

@@ -59,7 +59,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.standins._uvicorn import ThreadedServer
+from tests.standins._uvicorn import ForgeStandIn, ThreadedServer
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "gitlab" / "api-subset.json"
 OPERATION_KEY = "POST /api/v4/projects/{id}/statuses/{sha}"
@@ -394,7 +394,7 @@ def apply_transition(current: str, requested: str) -> tuple[str | None, str]:
 # --------------------------------------------------------------------------- the stand-in
 
 
-class GitLabStandIn:
+class GitLabStandIn(ForgeStandIn):
     """GitLab's commit-status API on 127.0.0.1, in a background thread.
 
     ``tokens`` (a set, or a mapping token -> role among :data:`ROLES`; default role
@@ -469,37 +469,8 @@ class GitLabStandIn:
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._http.port}" if self._http.port else ""
-
-    def start(self) -> GitLabStandIn:
-        """Bind a free port, serve in a thread, and return once uvicorn reports ``started``."""
-        self._http.start(lambda: create_app(self))
-        return self
-
-    def stop(self) -> None:
-        """Shut uvicorn down; requests held by ``delay`` are woken and dropped, so it is prompt."""
-        if not self._http.running:
-            return
-        with self._lock:
-            self._generation += 1
-        self._wake_held_requests()
-        self._http.stop()
-
-    def __enter__(self) -> GitLabStandIn:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _wake_held_requests(self) -> None:
-        held, self._wake = self._wake, asyncio.Event()
-        if self._http.loop is not None:
-            try:
-                self._http.loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
-            except RuntimeError:  # loop already closed: nothing is waiting
-                pass
+    def _create_app(self) -> Starlette:
+        return create_app(self)
 
     # ------------------------------------------------------------------ test API
 
