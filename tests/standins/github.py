@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.standins._uvicorn import ForgeStandIn, ThreadedServer
+from tests.standins._shared import Fault, ForgeStandIn, ThreadedServer, Violation
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "github" / "api-subset.json"
 
@@ -247,41 +247,8 @@ class RecordedRequest:
     faulted: bool = False
 
 
-@dataclass(frozen=True)
-class Violation:
-    """A breach of the documented contract: the bot (or the stand-in) did something GitHub wouldn't accept."""
-
-    seq: int
-    method: str
-    path: str
-    kind: str  # unknown-route | invalid-json | invalid-body | unknown-check-run | standin-bug
-    message: str
-    details: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        lines = [f"#{self.seq} {self.method} {self.path} [{self.kind}] {self.message}"]
-        lines += [f"    - {detail}" for detail in self.details]
-        return "\n".join(lines)
-
-
-@dataclass
-class Fault:
-    """A canned response for the next ``remaining`` requests matching method and path."""
-
-    method: str
-    path_regex: re.Pattern[str]
-    status: int
-    remaining: int
-    headers: dict[str, str]
-    body: Any
-    delay: float = 0.0
-
-    def matches(self, method: str, path: str) -> bool:
-        return (
-            self.remaining > 0
-            and self.method in ("*", method.upper())
-            and self.path_regex.search(path) is not None
-        )
+# Violations (tests.standins._shared.Violation) recorded here: A breach of the documented contract: the bot (or the stand-in) did something GitHub wouldn't accept.
+# Kinds: unknown-route | invalid-json | invalid-body | unknown-check-run | standin-bug
 
 
 @dataclass

@@ -59,7 +59,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.standins._uvicorn import ForgeStandIn, ThreadedServer
+from tests.standins._shared import Fault, ForgeStandIn, ThreadedServer, Violation
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "gitlab" / "api-subset.json"
 OPERATION_KEY = "POST /api/v4/projects/{id}/statuses/{sha}"
@@ -268,49 +268,14 @@ class RecordedRequest:
     faulted: bool = False
 
 
-@dataclass(frozen=True)
-class Violation:
-    """A breach of the documented contract: the bot (or the stand-in) sent something GitLab
-    would refuse or silently ignore, or called what the description does not cover.
-
-    Outcomes that depend on GitLab's data rather than on the request's shape are *not*
-    violations, as on GitHub's stand-in: 401/403, a 404 for a project (GitLab also says so for
-    a private project the token cannot see), commit or pipeline, a refused state transition,
-    and injected faults.  Tests see those in :attr:`GitLabStandIn.requests`.
-    """
-
-    seq: int
-    method: str
-    path: str
-    kind: str  # unknown-route | invalid-json | unsupported-media-type | invalid-params |
-    # undocumented-param | invalid-attributes | standin-bug
-    message: str
-    details: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        lines = [f"#{self.seq} {self.method} {self.path} [{self.kind}] {self.message}"]
-        lines += [f"    - {detail}" for detail in self.details]
-        return "\n".join(lines)
-
-
-@dataclass
-class Fault:
-    """A canned response for the next ``remaining`` requests matching method and path."""
-
-    method: str
-    path_regex: re.Pattern[str]
-    status: int
-    remaining: int
-    headers: dict[str, str]
-    body: Any
-    delay: float = 0.0
-
-    def matches(self, method: str, path: str) -> bool:
-        return (
-            self.remaining > 0
-            and self.method in ("*", method.upper())
-            and self.path_regex.search(path) is not None
-        )
+# Violations (tests.standins._shared.Violation) recorded here: A breach of the documented contract: the bot (or the stand-in) sent something GitLab
+# would refuse or silently ignore, or called what the description does not cover.
+#
+# Outcomes that depend on GitLab's data rather than on the request's shape are *not*
+# violations, as on GitHub's stand-in: 401/403, a 404 for a project (GitLab also says so for
+# a private project the token cannot see), commit or pipeline, a refused state transition,
+# and injected faults.  Tests see those in :attr:`GitLabStandIn.requests`.
+# Kinds: unknown-route | invalid-json | unsupported-media-type | invalid-params | undocumented-param | invalid-attributes | standin-bug
 
 
 @dataclass

@@ -79,7 +79,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.standins._uvicorn import ThreadedServer
+from tests.standins._shared import ThreadedServer
 
 REGISTRY_BINARY = "docker-registry"
 HTPASSWD_BINARY = "htpasswd"

@@ -1,16 +1,21 @@
-"""An ASGI app served by uvicorn on 127.0.0.1 from a thread with an event loop of its own.
+"""What the HTTP stand-ins share.
 
-The stand-ins (GitHub, GitLab, the registry's token server) answer real HTTP while the test
-drives them synchronously from its own thread; this is the one place that starts and stops
-such a server.
+:class:`ThreadedServer` serves an ASGI app with uvicorn on 127.0.0.1 from a thread with an
+event loop of its own: the stand-ins (GitHub, GitLab, the registry's token server) answer real
+HTTP while the test drives them synchronously from its own thread. :class:`ForgeStandIn` is the
+lifecycle of the forge stand-ins; :class:`Violation` and :class:`Fault` are their records of
+contract breaches and canned failures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -140,3 +145,41 @@ class ForgeStandIn:
                 self._http.loop.call_soon_threadsafe(held.set)  # asyncio.Event is not thread-safe
             except RuntimeError:  # loop already closed: nothing is waiting
                 pass
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A breach of the documented contract: the bot (or the stand-in) did something the forge
+    would not accept (each stand-in's docstring lists its kinds)."""
+
+    seq: int
+    method: str
+    path: str
+    kind: str
+    message: str
+    details: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"#{self.seq} {self.method} {self.path} [{self.kind}] {self.message}"]
+        lines += [f"    - {detail}" for detail in self.details]
+        return "\n".join(lines)
+
+
+@dataclass
+class Fault:
+    """A canned response for the next ``remaining`` requests matching method and path."""
+
+    method: str
+    path_regex: re.Pattern[str]
+    status: int
+    remaining: int
+    headers: dict[str, str]
+    body: Any
+    delay: float = 0.0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (
+            self.remaining > 0
+            and self.method in ("*", method.upper())
+            and self.path_regex.search(path) is not None
+        )
