@@ -20,6 +20,7 @@ from bot.settings import Settings
 from bot.webhooks import github, gitlab
 from bot.webhooks.ingress import WebhookError
 from bot.pipeline.run import runner_for
+from bot.reporters.sender import Sender
 from bot.telemetry import Telemetry
 from bot.worker import RunBuild, Worker
 
@@ -64,16 +65,30 @@ def create_app(
         app.state.telemetry = Telemetry(database)
         runner = run_build or runner_for(settings, app.state.telemetry)
         worker = Worker(database, settings, runner, bus=app.state.telemetry.bus) if run_worker else None
-        app.state.worker = worker
-        app.state.notify_queued = worker.wake if worker else (lambda: None)
-        app.state.notify_ended = worker.stop_builds if worker else (lambda ids: None)
+        sender = Sender(database, settings, bus=app.state.telemetry.bus)
+        app.state.worker, app.state.sender = worker, sender
+
+        def notify_queued() -> None:
+            sender.wake()
+            if worker:
+                worker.wake()
+
+        def notify_ended(build_ids: list[int]) -> None:
+            sender.wake()
+            if worker:
+                worker.stop_builds(build_ids)
+
+        app.state.notify_queued, app.state.notify_ended = notify_queued, notify_ended
         task = asyncio.create_task(worker.run(), name="worker") if worker else None
+        sending = asyncio.create_task(sender.run(), name="report-sender")
         try:
             yield
         finally:
             if worker and task:
                 worker.stop()
                 await task
+            sender.stop()  # after the worker: its last reports are owed by now
+            await sending
             if db is None:
                 database.close()
 

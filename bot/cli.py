@@ -91,6 +91,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def _worker(settings: Settings) -> None:
     from bot.pipeline.run import runner_for
+    from bot.reporters.sender import Sender
     from bot.telemetry import Telemetry
     from bot.worker import Worker
 
@@ -100,12 +101,16 @@ def _worker(settings: Settings) -> None:
         database = dbmod.Database(settings.database_url.get_secret_value())
         telemetry = Telemetry(database)
         worker = Worker(database, settings, runner_for(settings, telemetry), bus=telemetry.bus)
+        sender = Sender(database, settings, bus=telemetry.bus)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stop)
+        sending = asyncio.create_task(sender.run(), name="report-sender")
         try:
             await worker.run()
         finally:
+            sender.stop()
+            await sending
             database.close()
 
     asyncio.run(run())

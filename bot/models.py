@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -114,6 +114,8 @@ class Build(SQLModel, table=True):
     error_message: str | None = Field(default=None, sa_column=Column(String(2000)))
     lease_owner: str | None = Field(default=None, sa_column=Column(String(128)))
     lease_expires_at: datetime | None = Field(default=None, sa_column=_time(index=True))
+    #: GitHub's id of the build's check run, once the reporter created it (App mode).
+    check_run_id: int | None = Field(default=None, sa_column=Column(BigInteger))
 
 
 class TelemetryEvent(SQLModel, table=True):
@@ -143,7 +145,47 @@ class BuildLog(SQLModel, table=True):
     line: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class ReportState(str, enum.Enum):
+    pending = "pending"  # waiting to be sent (or retried)
+    sent = "sent"  # every target took it
+    coalesced = "coalesced"  # an interim update made moot by a newer report of the build
+    dead = "dead"  # refused for good (the forge called it invalid); logged, never blocks others
+
+
+class Report(SQLModel, table=True):
+    """The outbox: one row per report a build owes its forge, written in the same transaction
+    as the build change it reports, so a report can never be lost, only delayed.
+
+    ``status`` is the build status being reported, or ``progress`` for an interim check-run
+    update. Rows with the same ``key`` (forge, repository, commit, context) are delivered one
+    at a time, in id order; ``done`` lists the targets (``status``, ``check_run``) that took
+    this row already, so a retry or a restart never sends a target twice.
+    """
+
+    __tablename__ = "reports"
+    __table_args__ = (
+        Index("ix_reports_state_id", "state", "id"),
+        Index("ix_reports_key_state_id", "key", "state", "id"),
+        Index("ix_reports_build_id_id", "build_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    build_id: int = Field(foreign_key="builds.id", nullable=False)
+    key: str = Field(sa_column=Column(String(800), nullable=False))
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    state: ReportState = Field(sa_column=Column(String(16), nullable=False))
+    created_at: datetime = Field(sa_column=_time(nullable=False))
+    next_attempt_at: datetime = Field(sa_column=_time(nullable=False))
+    attempts: int = 0
+    done: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    last_error: str | None = Field(default=None, sa_column=Column(String(500)))
+    sent_at: datetime | None = Field(default=None, sa_column=_time())
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(128)))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=_time())
+
+
 builds = Build.__table__
 deliveries = Delivery.__table__
 telemetry_events = TelemetryEvent.__table__
 build_logs = BuildLog.__table__
+reports = Report.__table__

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from bot.models import Build, BuildKind, BuildStatus, builds, deliveries
+from bot.reporters import outbox
 
 
 # -- what a webhook can ask for (pure values; see bot.webhooks) -------------------------------
@@ -239,10 +240,12 @@ def _apply_in_order(
 
     results: dict[int, Recorded] = {}
     endings: list[dict] = []
+    owed: list[tuple[int, str]] = []  # reports, in the order the changes happened
     for n, i in enumerate(fresh):
         decision, now = batch[i].decision, batch[i].received_at
         match decision:
             case BuildRequest(skip_reason=str(reason)):
+                owed.append((build_ids[n], BuildStatus.skipped.value))
                 results[i] = Recorded("skipped", reason, build_ids[n])
             case BuildRequest():
                 key = (decision.provider, decision.repo, decision.ref)
@@ -250,10 +253,13 @@ def _apply_in_order(
                 queued[key] = [build_ids[n]]
                 message = f"superseded by build {build_ids[n]}"
                 endings += [_ending(b, BuildStatus.superseded, message, now) for b in ended]
+                owed += [(b, BuildStatus.superseded.value) for b in ended]
+                owed.append((build_ids[n], BuildStatus.queued.value))
                 results[i] = Recorded("queued", None, build_ids[n], superseded=ended)
             case CancelRef():
                 ended = queued.pop((decision.provider, decision.repo, decision.ref), [])
                 endings += [_ending(b, BuildStatus.cancelled, decision.reason, now) for b in ended]
+                owed += [(b, BuildStatus.cancelled.value) for b in ended]
                 results[i] = Recorded("cancelled", decision.reason, cancelled=ended)
             case Ping():
                 results[i] = Recorded("ping", decision.reason)
@@ -263,6 +269,8 @@ def _apply_in_order(
                 raise TypeError(f"not a decision: {decision!r}")
     if endings:
         conn.execute(_END_BUILD, endings)
+    if owed:
+        outbox.owe(conn, owed, batch[fresh[-1]].received_at)
     return results
 
 
@@ -418,6 +426,7 @@ def recover(conn: Connection, max_attempts: int, now: datetime) -> Recovered:
         .returning(builds.c.id)
     )
     failed_ids = sorted(row.id for row in failed)
+    outbox.owe(conn, [(b, BuildStatus.failed.value) for b in failed_ids], now)
     requeued = conn.execute(
         update(builds)
         .where(*expired, builds.c.attempts < max_attempts)

@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     gitlab_url: str = "https://gitlab.com"
     gitlab_api_token: SecretStr | None = None
 
+    # Reporting (commit statuses, check runs).
+    #: The status context / check run name; pull request builds add " (pull_request)".
+    report_context: str = Field(default="imagebot", min_length=1, max_length=100)
+    #: Interim check-run updates of one build are at most this often (GitHub's secondary rate
+    #: limits allow about 80 content-creating requests a minute per installation).
+    report_interval_seconds: float = Field(default=5.0, ge=0)
+    report_retry_initial_seconds: float = Field(default=1.0, ge=0)
+    report_retry_max_seconds: float = Field(default=300.0, ge=0)
+    #: Attempts at a report the forge keeps refusing for a reason retrying may mend (auth,
+    #: not found); 5xx, rate limits and network faults are retried for as long as it takes.
+    report_max_attempts: int = Field(default=12, ge=1)
+
     # Registry.
     registry: str | None = None
     registry_username: str | None = None

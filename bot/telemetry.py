@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Connection, insert, select
 
 from bot.models import build_logs, telemetry_events, utcnow
+from bot.reporters import outbox
 
 log = logging.getLogger(__name__)
 
@@ -325,9 +326,14 @@ class Telemetry:
 
     async def emit(self, build_id: int, name: str, platform: str | None = None, **data: Any) -> dict[str, Any]:
         check(name, platform, data)  # fail in the caller's frame, before queuing the write
-        event = await self.db.write(
-            lambda conn: record(conn, build_id, name, utcnow(), platform, **data)
-        )
+
+        def store(conn: Connection) -> dict[str, Any]:
+            now = utcnow()
+            if name in outbox.PROGRESS_EVENTS:  # the check run shows it too
+                outbox.owe(conn, [(build_id, outbox.PROGRESS)], now)
+            return record(conn, build_id, name, now, platform, **data)
+
+        event = await self.db.write(store)
         self.bus.publish({"type": "event", "event": event})
         return event
 

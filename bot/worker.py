@@ -24,6 +24,7 @@ from sqlalchemy import Connection, select
 from bot import queue, telemetry
 from bot.db import Database
 from bot.models import Build, BuildStatus, builds, utcnow
+from bot.reporters import outbox
 from bot.settings import Settings
 from bot.telemetry import Bus
 
@@ -66,6 +67,7 @@ def _claim_up_to(
         build = queue.claim(conn, owner, lease, now, build_id)
         if build is None:
             break
+        outbox.owe(conn, [(build.id, BuildStatus.running.value)], now)
         claimed.append((build, telemetry.record(conn, build.id, "build_started", now, attempt=build.attempts)))
     return claimed
 
@@ -79,6 +81,7 @@ def _finish(
         conn, build.id, owner, outcome.status, now, outcome.error_kind, outcome.error_message
     ):
         return None
+    outbox.owe(conn, [(build.id, outcome.status.value)], now)
     duration = round(time.monotonic() - started, 3)
     if outcome.status is BuildStatus.succeeded:
         return telemetry.record(

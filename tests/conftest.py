@@ -59,7 +59,7 @@ def _truncate(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(
-            text("TRUNCATE build_logs, telemetry_events, deliveries, builds RESTART IDENTITY CASCADE")
+            text("TRUNCATE reports, build_logs, telemetry_events, deliveries, builds RESTART IDENTITY CASCADE")
         )
     engine.dispose()
 

@@ -111,12 +111,27 @@ class GitHubClient:
     async def create_status(self, repo: str, sha: str, status: CommitStatus, context: str,
                             installation_id: int | None = None) -> dict[str, Any]:
         """POST /repos/{owner}/{repo}/statuses/{sha}."""
-        token = await self.token(installation_id)
-        api = self._api()
         body = {"state": status.state, "description": status.description,
                 "target_url": status.target_url, "context": context}
+        return await self._call("POST", f"/repos/{repo}/statuses/{sha}", body, installation_id)
+
+    async def create_check_run(self, repo: str, body: dict[str, Any],
+                               installation_id: int | None) -> dict[str, Any]:
+        """POST /repos/{owner}/{repo}/check-runs (App mode only)."""
+        return await self._call("POST", f"/repos/{repo}/check-runs", body, installation_id)
+
+    async def update_check_run(self, repo: str, check_run_id: int, body: dict[str, Any],
+                               installation_id: int | None) -> dict[str, Any]:
+        """PATCH /repos/{owner}/{repo}/check-runs/{check_run_id} (App mode only)."""
+        return await self._call("PATCH", f"/repos/{repo}/check-runs/{check_run_id}", body, installation_id)
+
+    async def _call(self, method: str, url: str, body: dict[str, Any],
+                    installation_id: int | None) -> dict[str, Any]:
+        token = await self.token(installation_id)
+        api = self._api()
+        send = api.post if method == "POST" else api.patch
         try:
-            return await api.post(f"/repos/{repo}/statuses/{sha}", data=body, oauth_token=token)
+            return await send(url, data=body, oauth_token=token)
         except GitHubException as exc:
             error = self._error(exc, api)
             if error.kind == "auth":

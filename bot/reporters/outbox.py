@@ -1,0 +1,169 @@
+"""The outbox: reports a build owes its forge, stored in the transaction that changes the build.
+
+Whoever changes a build (ingress queuing, skipping, superseding or cancelling it; the worker
+starting or finishing it; lease recovery failing it) calls :func:`owe` on the same connection,
+so the change and the promise to report it commit together or not at all. The sender
+(bot.reporters.sender) then delivers the rows: per ``key`` (forge, repository, commit, context)
+strictly in id order, one at a time, under a lease, so several bot processes can send without
+ever reordering or doubling a report.
+
+Like bot.queue, every function takes a ``Connection`` inside a transaction and the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import JSON, Connection, and_, bindparam, case, exists, insert, literal, or_, select, update
+from sqlalchemy.orm import aliased
+
+from bot.models import ReportState, UTCDateTime, builds, reports
+
+#: The report of an interim check-run update, next to the build statuses.
+PROGRESS = "progress"
+#: Telemetry that changes what a running build's check run shows (bot.telemetry.Telemetry.emit
+#: owes a progress report with each; the sender coalesces them).
+PROGRESS_EVENTS = frozenset({
+    "fetch_succeeded", "build_platform_succeeded", "build_platform_failed", "push_retry",
+    "push_succeeded", "push_failed", "auth_refresh_succeeded", "auth_refresh_failed",
+    "manifest_published", "manifest_failed",
+})
+
+#: What orders reports: statuses of one commit and context replace each other on the forge,
+#: so they must arrive in the order they were written. A pull request's build reports under
+#: its own context (as GitHub Actions' "(pull_request)" checks do): a push and a pull request
+#: of one commit are two builds, and one must not overwrite the other's status.
+REPORT_KEY = (
+    builds.c.provider + ":" + builds.c.repo + "@" + builds.c.sha + "#"
+    + case((builds.c.kind == "pull_request", "pull_request"), else_="push")
+)
+
+_OWE = insert(reports).from_select(
+    ["build_id", "key", "status", "state", "created_at", "next_attempt_at", "attempts", "done"],
+    select(
+        builds.c.id,
+        REPORT_KEY,
+        bindparam("r_status"),
+        literal(ReportState.pending.value),
+        bindparam("r_now", type_=UTCDateTime()),
+        bindparam("r_now", type_=UTCDateTime()),
+        literal(0),
+        bindparam("r_done", type_=JSON()),
+    ).where(builds.c.id == bindparam("r_build"), builds.c.trigger != "cli"),
+)
+
+
+def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None:
+    """Owe a report of each ``(build id, status)``, in list order.
+
+    Builds started from the command line (trigger ``cli``) report nowhere: nobody pushed.
+    """
+    if changes:
+        conn.execute(_OWE, [{"r_build": b, "r_status": s, "r_now": now, "r_done": []} for b, s in changes])
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    build_id: int
+    key: str
+    status: str
+    attempts: int
+    done: tuple[str, ...]
+
+
+def _free(now: datetime):
+    return or_(reports.c.lease_expires_at.is_(None), reports.c.lease_expires_at < now)
+
+
+def claim(conn: Connection, owner: str, limit: int, lease: timedelta, now: datetime) -> list[Claimed]:
+    """Lease up to ``limit`` reports that are due and first in line for their key.
+
+    An interim update with a newer report of the same build behind it is marked coalesced
+    first: the newer one shows at least as much.
+    """
+    newer = aliased(reports)
+    conn.execute(
+        update(reports)
+        .where(
+            reports.c.state == ReportState.pending.value,
+            reports.c.status == PROGRESS,
+            _free(now),
+            exists().where(newer.c.build_id == reports.c.build_id, newer.c.id > reports.c.id),
+        )
+        .values(state=ReportState.coalesced.value, sent_at=now)
+    )
+    earlier = aliased(reports)
+    heads = (
+        select(reports.c.id)
+        .where(
+            reports.c.state == ReportState.pending.value,
+            reports.c.next_attempt_at <= now,
+            _free(now),
+            ~exists().where(
+                earlier.c.key == reports.c.key,
+                earlier.c.state == ReportState.pending.value,
+                earlier.c.id < reports.c.id,
+            ),
+        )
+        .order_by(reports.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = [row.id for row in conn.execute(heads)]
+    if not ids:
+        return []
+    rows = conn.execute(
+        update(reports)
+        .where(reports.c.id.in_(ids))
+        .values(lease_owner=owner, lease_expires_at=now + lease, attempts=reports.c.attempts + 1)
+        .returning(reports.c.id, reports.c.build_id, reports.c.key, reports.c.status,
+                   reports.c.attempts, reports.c.done)
+    )
+    claimed = [Claimed(r.id, r.build_id, r.key, r.status, r.attempts, tuple(r.done)) for r in rows]
+    return sorted(claimed, key=lambda c: c.id)
+
+
+def _held(report_id: int, owner: str):
+    return and_(reports.c.id == report_id, reports.c.lease_owner == owner,
+                reports.c.state == ReportState.pending.value)
+
+
+def _end_lease(conn: Connection, report_id: int, owner: str, **values) -> bool:
+    row = conn.execute(
+        update(reports).where(_held(report_id, owner))
+        .values(lease_owner=None, lease_expires_at=None, **values)
+        .returning(reports.c.id)
+    ).first()
+    return row is not None
+
+
+def settle(conn: Connection, report_id: int, owner: str, done: list[str], now: datetime,
+           state: ReportState = ReportState.sent, note: str | None = None) -> bool:
+    """The report is over: delivered to every target (or ``state`` says otherwise)."""
+    return _end_lease(conn, report_id, owner, state=state.value, done=done, sent_at=now,
+                      last_error=note and note[:500])
+
+
+def retry_at(conn: Connection, report_id: int, owner: str, done: list[str], when: datetime,
+             error: str) -> bool:
+    """Try again at ``when``, keeping the targets that took it already."""
+    return _end_lease(conn, report_id, owner, done=done, next_attempt_at=when, last_error=error[:500])
+
+
+def postpone(conn: Connection, report_id: int, owner: str, when: datetime) -> bool:
+    """Not yet (an interim update too soon after the last): not a failed attempt."""
+    return _end_lease(conn, report_id, owner, next_attempt_at=when, attempts=reports.c.attempts - 1)
+
+
+def set_check_run(conn: Connection, build_id: int, check_run_id: int | None) -> None:
+    conn.execute(update(builds).where(builds.c.id == build_id).values(check_run_id=check_run_id))
+
+
+def pending_count(conn: Connection) -> int:
+    from sqlalchemy import func
+
+    return conn.execute(
+        select(func.count()).select_from(reports).where(reports.c.state == ReportState.pending.value)
+    ).scalar_one()
