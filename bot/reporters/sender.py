@@ -81,8 +81,9 @@ def context_for(settings: Settings, build: Build) -> str:
 class Sender:
     def __init__(self, db: Database, settings: Settings, github: GitHubClient | None = None,
                  gitlab: GitLabClient | None = None, owner: str | None = None,
-                 bus: Bus | None = None) -> None:
+                 bus: Bus | None = None, lease: timedelta = LEASE) -> None:
         self.db = db
+        self.lease = lease
         self.bus = bus
         self.settings = settings
         self.github = github or GitHubClient(settings)
@@ -147,7 +148,7 @@ class Sender:
         """Lease and deliver the reports due now; how many were leased."""
         try:
             claimed = await self.db.write(
-                lambda conn: outbox.claim(conn, self.owner, BATCH, LEASE, utcnow())
+                lambda conn: outbox.claim(conn, self.owner, BATCH, self.lease, utcnow())
             )
         except Exception:
             log.exception("claiming reports failed; will try again")

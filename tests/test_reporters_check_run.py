@@ -1,0 +1,96 @@
+"""What a check run says (pure): conclusions, the telemetry summary, GitHub's limits."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from bot.models import BuildStatus
+from bot.reporters.check_run import (
+    TEXT_LIMIT,
+    BuildFacts,
+    check_run_body,
+    conclusion,
+    log_text,
+    summarize,
+    summary_markdown,
+)
+
+P = ["linux/amd64", "linux/arm64"]
+T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+
+
+def event(name, platform=None, **data):
+    return {"id": 1, "build_id": 1, "name": name, "platform": platform, "ts": "2026-11-24T10:00:00Z", "data": data}
+
+
+def facts(status=BuildStatus.succeeded, **kw):
+    values = dict(id=9, sha="a" * 40, status=status, platforms=P, started_at=T0, finished_at=T0, error_message=None)
+    values.update(kw)
+    return BuildFacts(**values)
+
+
+@pytest.mark.parametrize(
+    ("status", "partial", "expected"),
+    [
+        (BuildStatus.succeeded, False, "success"),
+        (BuildStatus.succeeded, True, "neutral"),
+        (BuildStatus.failed, False, "failure"),
+        (BuildStatus.cancelled, False, "cancelled"),
+        (BuildStatus.superseded, False, "cancelled"),
+        (BuildStatus.skipped, False, "skipped"),
+    ],
+)
+def test_conclusions(status, partial, expected):
+    assert conclusion(status, partial) == expected
+
+
+def test_the_body_follows_the_reported_state_not_the_build_now():
+    queued = check_run_body(facts(BuildStatus.succeeded), "queued", "Queued", [], [], "https://ci/builds/9")
+    assert queued["status"] == "queued" and "conclusion" not in queued
+    running = check_run_body(facts(), "running", "Building", [], [], "https://ci/builds/9")
+    assert (running["status"], running["started_at"]) == ("in_progress", "2026-11-24T10:00:00Z")
+    progress = check_run_body(facts(), "progress", "Building", [], [], "https://ci/builds/9")
+    assert progress["status"] == "in_progress" and progress["output"]["title"] == "Building"
+    done = check_run_body(facts(), "succeeded", "Built", [], [], "https://ci/builds/9")
+    assert (done["conclusion"], done["completed_at"]) == ("success", "2026-11-24T10:00:00Z")
+    assert "actions" not in done
+    failed = check_run_body(facts(BuildStatus.failed), "failed", "Failed", [], [], "https://ci/builds/9")
+    assert failed["actions"] == [{"label": "Retry", "description": "Build this commit again", "identifier": "retry"}]
+
+
+def test_a_partial_build_is_neutral():
+    events = [event("build_succeeded", duration_s=1.0, platforms=["linux/amd64"], partial=True)]
+    assert check_run_body(facts(), "succeeded", "Built", events, [], "u")["conclusion"] == "neutral"
+
+
+def test_registry_text_cannot_break_the_table_or_the_fence():
+    events = [
+        event("push_failed", "linux/arm64", tag="r/a:t", kind="denied", attempts=1, retries=0,
+              detail="denied: | nope\nsecond line"),
+        event("build_failed", duration_s=2.0, error_kind="denied", error_message="```\nboom", step="push"),
+    ]
+    text = summary_markdown(summarize(events, P), "u", "head")
+    assert "push denied: denied: \\| nope second line" in text
+    assert "```\n'''\nboom\n```" in text
+
+
+def test_platforms_never_started_still_have_a_row():
+    text = summary_markdown(summarize([], P), "u", "head")
+    assert "| `linux/amd64` | ⏳ pending |" in text and "| `linux/arm64` | ⏳ pending |" in text
+
+
+def test_the_summary_and_log_fit_githubs_limit():
+    tags = [event("tag_succeeded", "linux/amd64", tag="r/a:" + "x" * 120) for _ in range(1000)]
+    summary = summary_markdown(summarize(tags, P), "u", "head")
+    assert len(summary) == TEXT_LIMIT and summary.endswith("(cut to GitHub's 65,535 characters)")
+    lines = [{"platform": "linux/amd64", "line": f"line {i} " + "y" * 2000} for i in range(500)]
+    text = log_text(lines)
+    assert len(text) <= TEXT_LIMIT and text.rstrip("`\n").endswith("y") and "line 499 " in text
+    assert "line 0 " not in text  # the newest lines are kept
+
+
+def test_no_log_no_text():
+    assert log_text([]) is None
+    assert "text" not in check_run_body(facts(), "running", "Building", [], [], "u")["output"]
