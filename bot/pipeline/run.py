@@ -23,6 +23,8 @@ from bot.pipeline.credentials import Credentials, CredentialsError, RegistryCred
 from bot.pipeline.fetch import TOKEN_USERS, Checkout, FetchError, fetch, masker
 from bot.pipeline.manifest import Descriptor, RegistryClient, manifest_list
 from bot.pipeline.push import Exhausted, RegistryError, Retry, RetryPolicy, with_retries
+from bot.reporters.errors import ReportError
+from bot.reporters.github import GitHubClient
 from bot.runtimes.docker import BuildError, BuildJob, DockerRuntime
 from bot.settings import Settings
 from bot.telemetry import Telemetry
@@ -106,8 +108,10 @@ def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: boo
 
 class Pipeline:
     def __init__(self, settings: Settings, telemetry: Telemetry, runtime: DockerRuntime | None = None,
-                 forge_tokens: dict[str, str] | None = None, no_push: bool = False) -> None:
+                 forge_tokens: dict[str, str] | None = None, no_push: bool = False,
+                 github: GitHubClient | None = None) -> None:
         self.settings = settings
+        self.github = github
         self.no_push = no_push
         self.telemetry = telemetry
         self.runtime = runtime or DockerRuntime(int(settings.build_timeout_seconds))
@@ -136,7 +140,7 @@ class Pipeline:
         return await self._conclude(build, plan, results, started)
 
     async def _fetch(self, build: Build, dest: Path) -> Checkout:
-        token = self._forge_token(build)
+        token = await self._forge_token(build)
         username = TOKEN_USERS.get(build.provider, "x-access-token")
         checkout = await fetch(
             build.clone_url, build.sha, build.ref, dest, token=token, username=username,
@@ -147,15 +151,23 @@ class Pipeline:
                         method=checkout.method)
         return checkout
 
-    def _forge_token(self, build: Build) -> SecretStr | None:
-        """The token git fetches with: the forge's (GitHub App installation tokens come with
-        the reporters' App auth)."""
+    async def _forge_token(self, build: Build) -> SecretStr | None:
+        """The token git fetches with: the forge's token, or in GitHub App mode the build's
+        installation token (the same cached one the reporters use)."""
         if self.forge_tokens is not None:
             token = self.forge_tokens.get(build.provider)
             return SecretStr(token) if token else None
         if build.provider == "gitlab":
             return self.settings.gitlab_api_token
-        return self.settings.github_token
+        if self.settings.github_app_id is None or build.installation_id is None:
+            return self.settings.github_token
+        if self.github is None:
+            self.github = GitHubClient(self.settings)
+        try:
+            return SecretStr(await self.github.token(build.installation_id))
+        except ReportError as exc:
+            raise FetchError(exc.kind if exc.kind in ("auth", "network") else "failed",
+                             f"no GitHub App installation token for the fetch: {exc}") from None
 
     async def _platforms(self, build: Build, plan: Plan, context: Path, dockerfile: Path) -> list[PlatformResult]:
         credentials = None

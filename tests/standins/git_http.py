@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -303,12 +303,14 @@ class Fault:
 class GitHTTPServer:
     """Every bare repo under ``root`` at ``{url}/{owner}/{repo}.git``, over smart HTTP.
 
-    With ``password`` set, requests need HTTP Basic auth with that password and, if given,
-    that ``username`` (``None`` accepts any, like GitHub with a personal access token).
+    With ``password`` set, requests need HTTP Basic auth with that password (or one the
+    ``password`` callable accepts) and, if given, that ``username`` (``None`` accepts any, like
+    GitHub with a personal access token).
     """
 
     def __init__(
-        self, root: Path, *, username: str | None = None, password: str | None = None,
+        self, root: Path, *, username: str | None = None,
+        password: str | Callable[[str], bool] | None = None,
         allow_sha_in_want: bool = True, realm: str = "GitHub",
     ) -> None:
         if username is not None and password is None:
@@ -471,7 +473,12 @@ class GitHTTPServer:
 
     def _authorized(self, username: str | None, password: str | None) -> bool:
         assert self._password is not None
-        if password is None or not hmac.compare_digest(password.encode(), self._password.encode()):
+        if password is None:
+            return False
+        if callable(self._password):  # e.g. "an installation token the GitHub stand-in issued"
+            if not self._password(password):
+                return False
+        elif not hmac.compare_digest(password.encode(), self._password.encode()):
             return False
         return self.username is None or username == self.username
 
