@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Reports sent at the same time (each for a different commit and context).
 BATCH = 8
-LEASE = timedelta(seconds=120)
 #: Events after which the worker has owed a report (its start and end, and progress).
 WAKING_EVENTS = outbox.PROGRESS_EVENTS | {"build_started", "build_succeeded", "build_failed", "build_cancelled"}
 #: GitLab's answer when a status is already in the state posted (e.g. ``running`` twice after a
@@ -81,9 +80,12 @@ def context_for(settings: Settings, build: Build) -> str:
 class Sender:
     def __init__(self, db: Database, settings: Settings, github: GitHubClient | None = None,
                  gitlab: GitLabClient | None = None, owner: str | None = None,
-                 bus: Bus | None = None, lease: timedelta = LEASE) -> None:
+                 bus: Bus | None = None, lease: timedelta | None = None) -> None:
         self.db = db
-        self.lease = lease
+        #: How long a report is ours once leased (as long as a build's lease, so a crashed
+        #: process's reports are taken over as soon as its builds are); a delivery is cut off
+        #: well before its lease ends, so two senders never send one report at the same time.
+        self.lease = lease or timedelta(seconds=settings.lease_seconds)
         self.bus = bus
         self.settings = settings
         self.github = github or GitHubClient(settings)
@@ -172,11 +174,15 @@ class Sender:
             await self._write(outbox.postpone, report.id, self.owner, utcnow() + timedelta(seconds=wait))
             return
         done = list(report.done)
+        budget = self.lease.total_seconds() * 0.75
         try:
-            rendered = await self.db.read(lambda conn: _load(conn, report.build_id, "check_run" in wanted))
-            for target in wanted:
-                await self._send(target, report, rendered)
-                done.append(target)
+            async with asyncio.timeout(budget):
+                rendered = await self.db.read(lambda conn: _load(conn, report.build_id, "check_run" in wanted))
+                for target in wanted:
+                    await self._send(target, report, rendered)
+                    done.append(target)
+        except TimeoutError:
+            await self._refused(report, done, ReportError("network", f"no answer within {budget:.1f} s"))
         except ReportError as exc:
             await self._refused(report, done, exc)
         except Exception as exc:  # a bug here must not stop reporting: retry like a fault

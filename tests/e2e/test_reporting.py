@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import uuid
 from pathlib import Path
 
 import httpx
@@ -87,7 +88,9 @@ def test_a_real_two_platform_build_is_reported_and_no_secret_leaks(tmp_path, git
     build_arg = "build-arg-secret-6c1f0e"
     files = {
         "Dockerfile": (f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nARG TOKEN\n"
-                       "RUN echo \"token is $TOKEN\" && uname -m > /arch\nCMD [\"cat\", \"/arch\"]\n"),
+                       # unique, so the layer cache never hides the step's output
+                       f"RUN echo \"{uuid.uuid4().hex} token is $TOKEN\" && uname -m > /arch\n"
+                       "CMD [\"cat\", \"/arch\"]\n"),
         ".imagebot.yml": f"build_args: {{TOKEN: {build_arg}}}\nsecret_build_args: [TOKEN]\n",
     }
     repo = make_repo(tmp_path / "srv", "acme/app", files)
