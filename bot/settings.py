@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     #: Interim check-run updates of one build are at most this often (GitHub's secondary rate
     #: limits allow about 80 content-creating requests a minute per installation).
     report_interval_seconds: float = Field(default=5.0, ge=0)
+    #: Content-creating requests per forge and minute, across all builds of this process.
+    report_requests_per_minute: int = Field(default=60, ge=1)
     report_retry_initial_seconds: float = Field(default=1.0, ge=0)
     report_retry_max_seconds: float = Field(default=300.0, ge=0)
     #: Attempts at a report the forge keeps refusing for a reason retrying may mend (auth,
@@ -100,6 +102,8 @@ class Settings(BaseSettings):
     # Builds.
     platforms: Annotated[list[str], NoDecode] = ["linux/amd64"]
     public_url: str = "http://localhost:8000"
+    #: Bearer token for POST /api/builds/{id}/rebuild and /cancel; unset: those answer 503.
+    admin_token: SecretStr | None = None
 
     # Pipeline.
     #: Where checkouts go while a build runs (removed afterwards); default: the system temp dir.

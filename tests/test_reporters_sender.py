@@ -17,7 +17,7 @@ from sqlalchemy import select
 from bot import queue
 from bot.models import Build, BuildKind, BuildStatus, ReportState, builds, reports, utcnow
 from bot.reporters import outbox
-from bot.reporters.sender import Sender
+from bot.reporters.sender import Pace, Sender
 from bot.telemetry import Telemetry
 from bot.worker import BuildOutcome, _claim_up_to, _finish
 from tests.standins.github import GitHubStandIn
@@ -404,3 +404,34 @@ def test_gitlab_merge_request_builds_report_without_a_branch_ref(db, gitlab):
 
     asyncio.run(go())
     assert gitlab.history("acme/app", sha, "imagebot (pull_request)") == ["pending"]
+
+
+# -- pacing -----------------------------------------------------------------------------------
+
+
+def test_pace_keeps_a_forge_under_its_requests_per_minute():
+    pace = Pace(per_minute=5)
+    assert [pace.take("github", 2, now=t) for t in (0.0, 1.0)] == [0.0, 0.0]
+    assert pace.take("github", 2, now=2.0) == pytest.approx(58.0)  # 4 sent; 2 more needs the first to age out
+    assert pace.take("gitlab", 2, now=2.0) == 0.0  # each forge has its own budget
+    assert pace.take("github", 1, now=2.0) == 0.0
+    assert pace.take("github", 1, now=30.0) == pytest.approx(30.0)
+    assert pace.take("github", 2, now=60.5) == 0.0  # the first two aged out
+
+
+def test_a_burst_of_builds_is_paced_not_failed(db, github, key):
+    settings = app_settings(db, github, key, report_requests_per_minute=4)
+    forge = Forge(db)
+    for n in range(3):
+        forge.queue(ref=f"refs/heads/b{n}")  # three builds: six requests (status + check run each)
+
+    async def go():
+        sender = Sender(db, settings)
+        await sender.send_round()
+        await sender.github.aclose()
+
+    asyncio.run(go())
+    rows = report_rows(db)
+    assert [r.state for r in rows] == ["sent", "sent", "pending"]
+    assert rows[2].attempts == 0 and rows[2].last_error is None  # waiting is not failing
+    assert len([r for r in github.requests if r.operation_id != "apps/create-installation-access-token"]) == 4

@@ -18,6 +18,7 @@ import random
 import socket
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -77,6 +78,29 @@ def context_for(settings: Settings, build: Build) -> str:
     return settings.report_context + suffix
 
 
+class Pace:
+    """At most ``per_minute`` content-creating requests to one forge in any 60 s (GitHub's
+    secondary rate limit is 80 a minute; a burst of builds must not trip it). A report that
+    would exceed it waits, without counting as a failed attempt."""
+
+    WINDOW = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._sent: dict[str, deque[float]] = {}
+
+    def take(self, forge: str, count: int, now: float | None = None) -> float:
+        """Reserve ``count`` requests now; 0, or how long to wait before asking again."""
+        now = time.monotonic() if now is None else now
+        sent = self._sent.setdefault(forge, deque())
+        while sent and sent[0] <= now - self.WINDOW:
+            sent.popleft()
+        if len(sent) + count > self.per_minute and sent:
+            return sent[min(len(sent) - 1, len(sent) + count - self.per_minute - 1)] + self.WINDOW - now
+        sent.extend([now] * count)
+        return 0.0
+
+
 class Sender:
     def __init__(self, db: Database, settings: Settings, github: GitHubClient | None = None,
                  gitlab: GitLabClient | None = None, owner: str | None = None,
@@ -94,6 +118,7 @@ class Sender:
         self._wake = asyncio.Event()
         self._stopping = False
         self._last_interim: dict[int, float] = {}  # build id -> monotonic time of its last PATCH
+        self.pace = Pace(settings.report_requests_per_minute)
         self.sent = 0  # requests that reached the forge and were accepted (tests, metrics)
 
     def wake(self) -> None:
@@ -171,6 +196,9 @@ class Sender:
                               ReportState.sent if targets else ReportState.dead, note)
             return
         if report.status == outbox.PROGRESS and (wait := self._interim_wait(report.build_id)) > 0:
+            await self._write(outbox.postpone, report.id, self.owner, utcnow() + timedelta(seconds=wait))
+            return
+        if (wait := self.pace.take(provider, len(wanted))) > 0:
             await self._write(outbox.postpone, report.id, self.owner, utcnow() + timedelta(seconds=wait))
             return
         done = list(report.done)
