@@ -435,3 +435,22 @@ def test_a_burst_of_builds_is_paced_not_failed(db, github, key):
     assert [r.state for r in rows] == ["sent", "sent", "pending"]
     assert rows[2].attempts == 0 and rows[2].last_error is None  # waiting is not failing
     assert len([r for r in github.requests if r.operation_id != "apps/create-installation-access-token"]) == 4
+
+
+def test_gitlab_faults_are_retried_in_order_once(db, gitlab):
+    settings = make_settings(db.url, gitlab_url=gitlab.url, gitlab_api_token=GITLAB_TOKEN, **FAST)
+    forge = Forge(db, provider="gitlab")
+    sha = "9" * 40
+    gitlab.server_error(502, count=2)
+    gitlab.too_many_requests(retry_after=1, count=1)
+
+    async def go():
+        sending = asyncio.create_task(Sender(db, settings).run())
+        build = forge.start(forge.queue(sha=sha))
+        forge.finish(build, BuildOutcome(BuildStatus.failed, "build", "RUN exited 1", step="build"))
+        await until_sent(db)
+        sending.cancel()
+
+    asyncio.run(go())
+    assert gitlab.history("acme/app", sha, "imagebot") == ["pending", "running", "failed"]
+    assert [r.attempts for r in report_rows(db)] == [4, 1, 1]  # 502, 502, 429, then accepted
