@@ -116,6 +116,33 @@ class Settings(BaseSettings):
     #: Platforms of one build that build at the same time.
     platform_parallelism: int = Field(default=2, ge=1, le=16)
 
+    # Runtime: where each platform is built and pushed.
+    runtime: Literal["docker", "kubernetes"] = "docker"
+    #: The namespace of the build Jobs (the bot needs jobs, pods, pods/log and secrets there).
+    k8s_namespace: str = "imagebot-builds"
+    #: A kubeconfig file; unset: the in-cluster config of the bot's own ServiceAccount.
+    k8s_kubeconfig: Path | None = None
+    k8s_context: str | None = None
+    #: An image with sh, git and buildah (the default: buildah's own).
+    k8s_builder_image: str = "quay.io/buildah/stable:v1.28"
+    k8s_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    #: Shell scripts the builder runs instead of the built-in buildah ones; they get the job in
+    #: IMAGEBOT_* environment variables (see docs/kubernetes.md).
+    k8s_build_script: str | None = None
+    k8s_push_script: str | None = None
+    k8s_privileged: bool = True
+    k8s_host_network: bool = False
+    k8s_service_account: str | None = None
+    #: Per platform, e.g. {"linux/arm64": {"kubernetes.io/arch": "arm64"}} (JSON).
+    k8s_node_selectors: dict[str, dict[str, str]] = {}
+    #: The builder container's resources, e.g. {"requests": {"cpu": "1", "memory": "2Gi"}} (JSON).
+    k8s_resources: dict[str, dict[str, str]] = {}
+    #: A platform whose pod no node takes within this fails with kind ``unschedulable``.
+    k8s_schedule_timeout_seconds: float = Field(default=120.0, gt=0)
+    #: Pull from and push to plain-HTTP / self-signed registries (buildah --tls-verify=false).
+    k8s_registry_tls_verify: bool = True
+    k8s_poll_seconds: float = Field(default=1.0, gt=0)
+
     # Worker.
     concurrency: int = Field(default=2, ge=1, le=64)
     lease_seconds: float = Field(default=30.0, ge=1.0)

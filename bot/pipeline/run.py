@@ -25,7 +25,7 @@ from bot.pipeline.manifest import Descriptor, RegistryClient, manifest_list
 from bot.pipeline.push import Exhausted, RegistryError, Retry, RetryPolicy, with_retries
 from bot.reporters.errors import ReportError
 from bot.reporters.github import GitHubClient
-from bot.runtimes.docker import BuildError, BuildJob, DockerRuntime
+from bot.runtimes import BuildError, BuildJob, Runtime, Source, runtime_for
 from bot.settings import Settings
 from bot.telemetry import Telemetry
 from bot.worker import BuildOutcome
@@ -107,14 +107,14 @@ def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: boo
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, telemetry: Telemetry, runtime: DockerRuntime | None = None,
+    def __init__(self, settings: Settings, telemetry: Telemetry, runtime: Runtime | None = None,
                  forge_tokens: dict[str, str] | None = None, no_push: bool = False,
                  github: GitHubClient | None = None) -> None:
         self.settings = settings
         self.github = github
         self.no_push = no_push
         self.telemetry = telemetry
-        self.runtime = runtime or DockerRuntime(int(settings.build_timeout_seconds))
+        self.runtime = runtime or runtime_for(settings)
         self.policy = RetryPolicy(settings.push_retries, settings.retry_initial_seconds,
                                   settings.retry_max_seconds)
         self.forge_tokens = forge_tokens
@@ -125,7 +125,8 @@ class Pipeline:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f"imagebot-{build.id}-", dir=self.settings.work_dir) as work:
             try:
-                checkout = await self._fetch(build, Path(work) / "src")
+                token = await self._forge_token(build)
+                checkout = await self._fetch(build, Path(work) / "src", token)
             except FetchError as exc:
                 await self.emit(build, "fetch_failed", kind=exc.kind, message=exc.message)
                 return _failed("fetch", exc.kind, exc.message)
@@ -136,11 +137,12 @@ class Pipeline:
             except (ConfigError, tags.TagError) as exc:
                 await self.log(build, None, [f"ERROR: {exc}"])
                 return _failed("config", "config", str(exc))
-            results = await self._platforms(build, plan, context, dockerfile)
+            source = Source(checkout.path, build.clone_url, checkout.sha, build.ref, token,
+                            TOKEN_USERS.get(build.provider, "x-access-token"))
+            results = await self._platforms(build, plan, context, dockerfile, source)
         return await self._conclude(build, plan, results, started)
 
-    async def _fetch(self, build: Build, dest: Path) -> Checkout:
-        token = await self._forge_token(build)
+    async def _fetch(self, build: Build, dest: Path, token: SecretStr | None) -> Checkout:
         username = TOKEN_USERS.get(build.provider, "x-access-token")
         checkout = await fetch(
             build.clone_url, build.sha, build.ref, dest, token=token, username=username,
@@ -169,7 +171,8 @@ class Pipeline:
             raise FetchError(exc.kind if exc.kind in ("auth", "network") else "failed",
                              f"no GitHub App installation token for the fetch: {exc}") from None
 
-    async def _platforms(self, build: Build, plan: Plan, context: Path, dockerfile: Path) -> list[PlatformResult]:
+    async def _platforms(self, build: Build, plan: Plan, context: Path, dockerfile: Path,
+                         source: Source) -> list[PlatformResult]:
         credentials = None
         if plan.trusted and plan.image:
             credentials = RegistryCredentials(tags.split_image(plan.image)[0], self.settings)
@@ -177,7 +180,7 @@ class Pipeline:
 
         async def one(platform: str) -> PlatformResult:
             async with gate:
-                return await self._platform(build, plan, platform, context, dockerfile, credentials)
+                return await self._platform(build, plan, platform, context, dockerfile, source, credentials)
 
         # Emulated platforms are the long pole: start them first, report in the plan's order.
         native = build_platform()
@@ -208,7 +211,7 @@ class Pipeline:
     # -- one platform ---------------------------------------------------------------------------
 
     async def _platform(self, build: Build, plan: Plan, platform: str, context: Path, dockerfile: Path,
-                        credentials: RegistryCredentials | None) -> PlatformResult:
+                        source: Source, credentials: RegistryCredentials | None) -> PlatformResult:
         target = f"{plan.image or 'imagebot.invalid/' + build.repo.lower()}:{tags.platform_tag(build.sha, platform)}"
         await self.emit(build, "build_platform_started", platform, image=target)
         started = time.monotonic()
@@ -217,7 +220,16 @@ class Pipeline:
             context=context, dockerfile=dockerfile, platform=platform, tag=None,
             build_args={**plan.build_args, **tags.buildkit_args(platform, build_platform())},
             labels=plan.labels, target=plan.target, pull_credentials=pull,
+            image=target, source=source, build_id=build.id, push=plan.push, secrets=plan.secrets,
         )
+        try:
+            return await self._build_and_push(build, plan, job, target, credentials, started)
+        finally:
+            await asyncio.shield(self.runtime.release(target))
+
+    async def _build_and_push(self, build: Build, plan: Plan, job: BuildJob, target: str,
+                              credentials: RegistryCredentials | None, started: float) -> PlatformResult:
+        platform = job.platform
         try:
             image_id = await self.runtime.build(job, lambda lines: self.log(build, platform, lines, plan.secrets))
         except BuildError as exc:

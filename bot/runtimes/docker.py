@@ -15,43 +15,18 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import docker
 from docker import auth as docker_auth
 from docker.errors import APIError, DockerException
 
-from bot.pipeline import StepError
 from bot.pipeline.credentials import Credentials
 from bot.pipeline.push import RegistryError
 from bot.pipeline.tags import platform_parts
+from bot.runtimes import BuildError, BuildJob, LogSink, Pushed
 
-LogSink = Callable[[list[str]], Awaitable[None]]
-
-
-class BuildError(StepError):
-    """A platform's image could not be built; ``kind`` is build (the Dockerfile) or engine."""
-
-
-@dataclass(frozen=True)
-class BuildJob:
-    context: Path
-    dockerfile: Path
-    platform: str
-    tag: str
-    build_args: dict[str, str]
-    labels: dict[str, str]
-    target: str | None = None
-    #: Credentials the engine may use to pull base images (none for untrusted builds).
-    pull_credentials: dict[str, Credentials] | None = None
-
-
-@dataclass(frozen=True)
-class Pushed:
-    digest: str
-    size: int
-
+__all__ = ["BuildError", "BuildJob", "DockerRuntime", "Pushed"]
 
 class _Engine(docker.APIClient):
     """An engine client that sends exactly the registry credentials it was given.
@@ -372,6 +347,9 @@ class DockerRuntime:
             raise RegistryError.of(str(exc)) from None
         finally:
             engine.close()
+
+    async def release(self, target: str) -> None:
+        """Nothing to free: the engine keeps its images (they are the next build's cache)."""
 
     async def push(self, target: str, credentials: Credentials | None, log: LogSink) -> Pushed:
         """Push ``target``; raises a classified :class:`RegistryError` on any failure."""
