@@ -11,7 +11,7 @@ import asyncio
 import platform as host_platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr

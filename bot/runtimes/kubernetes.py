@@ -1,0 +1,506 @@
+"""The Kubernetes runtime: each platform is a batch/v1 Job in ``IMAGEBOT_K8S_NAMESPACE``.
+
+The Job's pod has two containers sharing an ``emptyDir``:
+
+- ``build`` (an init container) fetches exactly the build's commit with git (the forge token
+  reaches it only as ``GIT_CONFIG_*`` variables from a per-build Secret), and builds the context
+  for the platform with buildah into the platform tag;
+- ``push`` pushes that tag, once, writing the digest (or the registry's error) as its
+  termination message. The registry credentials come from the namespace's
+  ``kubernetes.io/dockerconfigjson`` Secret as an environment variable, which the kubelet reads
+  again at every container start.
+
+A failed push ends the ``push`` container; with ``restartPolicy: OnFailure`` the kubelet starts
+it again (after its own back-off, 10 s, 20 s, ...) from the same built image. The bot is the one
+that decides: each termination is one push attempt, classified with the same rules as the
+Docker engine's errors (bot.pipeline.push) and retried, refreshed or given up by the same
+policy in the pipeline. A refresh patches the Secret before the next start, so a rotated
+password heals without anyone stepping in. Giving up, finishing or being cancelled deletes the
+Job (its pod with it) and the per-build Secret.
+
+The client is kubernetes_asyncio: the official client's generated code for asyncio, which loads
+kubeconfigs and in-cluster config like kubectl does; its core/v1 and batch/v1 calls are the
+same on 1.20 and on current servers. Answers are read as plain JSON (``_preload_content=False``)
+rather than the generated models, whose newest fields an old server never sends.
+
+A worker that restarts while Jobs run finds them by their labels (build id and platform) and
+adopts them instead of starting the platform again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from bot.pipeline.credentials import Credentials
+from bot.pipeline.fetch import git_env
+from bot.pipeline.manifest import RegistryClient
+from bot.pipeline.push import RegistryError, sanitize
+from bot.pipeline.tags import platform_parts, split_image
+from bot.runtimes import BuildError, BuildJob, LogSink, Pushed
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SECRET = "imagebot-registry"
+LABEL_BUILD = "imagebot.dev/build"
+LABEL_PLATFORM = "imagebot.dev/platform"
+#: Waiting reasons that will not heal by waiting.
+STUCK = frozenset({"ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError",
+                   "CreateContainerError", "ImageInspectError"})
+PULL_TROUBLE = frozenset({"ErrImagePull", "ImagePullBackOff"})
+
+# The default scripts: POSIX sh, every input from the environment (never spliced into the
+# script), so a branch name or a build arg cannot become a command.
+BUILD_SCRIPT = r"""set -eu
+cd /work
+if [ -n "${REGISTRY_AUTH:-}" ]; then printf '%s' "$REGISTRY_AUTH" > /work/auth.json; fi
+git init -q src && cd src
+if ! git fetch -q --depth 1 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_SHA" 2>/dev/null; then
+  git fetch -q --depth 50 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_REF"
+fi
+git checkout -q "$IMAGEBOT_SHA"
+echo "imagebot: fetched $IMAGEBOT_SHA"
+set -- --platform "$IMAGEBOT_PLATFORM" -f "$IMAGEBOT_DOCKERFILE" -t "$IMAGEBOT_IMAGE"
+if [ -s /work/auth.json ]; then set -- "$@" --authfile /work/auth.json; fi
+if [ -n "${IMAGEBOT_TARGET:-}" ]; then set -- "$@" --target "$IMAGEBOT_TARGET"; fi
+while IFS= read -r arg; do [ -n "$arg" ] && set -- "$@" --build-arg "$arg"; done < /imagebot/build-args
+while IFS= read -r label; do [ -n "$label" ] && set -- "$@" --label "$label"; done < /imagebot/labels
+exec buildah --root /work/storage --runroot /work/run --storage-driver vfs bud --isolation chroot \
+  --tls-verify="$IMAGEBOT_TLS_VERIFY" "$@" "$IMAGEBOT_CONTEXT"
+"""
+PUSH_SCRIPT = r"""set -u
+auth=${REGISTRY_AUTH:-}
+[ -n "$auth" ] || auth='{"auths": {}}'
+printf '%s' "$auth" > /tmp/auth.json
+buildah --root /work/storage --runroot /work/run --storage-driver vfs push --authfile /tmp/auth.json \
+  --tls-verify="$IMAGEBOT_TLS_VERIFY" --digestfile /tmp/digest "$IMAGEBOT_IMAGE" "docker://$IMAGEBOT_IMAGE" \
+  2>/tmp/err
+rc=$?
+cat /tmp/err >&2
+if [ "$rc" -eq 0 ]; then cat /tmp/digest > /dev/termination-log; else tail -c 3000 /tmp/err > /dev/termination-log; fi
+exit "$rc"
+"""
+DONE_SCRIPT = "echo 'imagebot: built; this build pushes nothing'"
+
+
+def slug(platform: str) -> str:
+    return "-".join(filter(None, platform_parts(platform)))
+
+
+def job_name(build_id: int, platform: str) -> str:
+    return f"imagebot-{build_id}-{slug(platform)}"
+
+
+def dockerconfigjson(creds: dict[str, Credentials]) -> str:
+    """A docker config.json (the Secret's ``.dockerconfigjson``) for these registries."""
+    auths = {
+        host: {"auth": base64.b64encode(f"{c.username}:{c.password.get_secret_value()}".encode()).decode()}
+        for host, c in sorted(creds.items())
+    }
+    return json.dumps({"auths": auths}, sort_keys=True)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+# -- what the pod says (pure) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Termination:
+    attempt: int  # 1 for the container's first run
+    exit_code: int
+    message: str
+
+
+def container_status(pod: dict[str, Any], name: str, init: bool = False) -> dict[str, Any] | None:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return next((s for s in pod.get("status", {}).get(key) or [] if s["name"] == name), None)
+
+
+def terminations(status: dict[str, Any] | None) -> list[Termination]:
+    """The runs of a container that ended, as far as the pod still tells (the current state
+    and the last one before a restart)."""
+    if not status:
+        return []
+    restarts = status.get("restartCount", 0)
+    seen = []
+    last = (status.get("lastState") or {}).get("terminated")
+    if last and restarts:
+        seen.append(Termination(restarts, last.get("exitCode", 1), last.get("message") or ""))
+    now = (status.get("state") or {}).get("terminated")
+    if now:
+        seen.append(Termination(restarts + 1, now.get("exitCode", 1), now.get("message") or ""))
+    return seen
+
+
+def stuck_reason(pod: dict[str, Any]) -> str | None:
+    """Why the pod will never run, if it says so: a container that cannot start."""
+    statuses = (pod.get("status", {}).get("initContainerStatuses") or []) + \
+        (pod.get("status", {}).get("containerStatuses") or [])
+    for status in statuses:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK | PULL_TROUBLE:
+            return f"{status['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip()
+    return None
+
+
+def unschedulable(pod: dict[str, Any]) -> str | None:
+    for cond in pod.get("status", {}).get("conditions") or []:
+        if cond["type"] == "PodScheduled" and cond["status"] == "False":
+            return cond.get("message") or cond.get("reason") or "unschedulable"
+    return None
+
+
+# -- the runtime ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Platform:
+    """One platform's Job, as this process follows it."""
+
+    name: str
+    job: BuildJob
+    log: LogSink
+    seen: int = 0  # push attempts already handed to the pipeline
+    followers: list[asyncio.Task] = field(default_factory=list)
+
+
+class KubernetesRuntime:
+    name = "kubernetes"
+
+    def __init__(self, settings: Settings, api: k8s.ApiClient | None = None) -> None:
+        self.settings = settings
+        self.namespace = settings.k8s_namespace
+        self._api = api
+        self._platforms: dict[str, _Platform] = {}
+        self._secret_lock = asyncio.Lock()
+        self._registry_auth: str | None = None  # what REGISTRY_SECRET holds, as last written
+
+    # -- the API ----------------------------------------------------------------------------
+
+    async def api(self) -> k8s.ApiClient:
+        if self._api is None:
+            configuration = k8s.Configuration()
+            if self.settings.k8s_kubeconfig is not None:
+                await k8s_config.load_kube_config(
+                    config_file=str(self.settings.k8s_kubeconfig), context=self.settings.k8s_context,
+                    client_configuration=configuration)
+            else:
+                k8s_config.load_incluster_config(client_configuration=configuration)
+            self._api = k8s.ApiClient(configuration)
+        return self._api
+
+    async def _call(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any,
+                    allow: tuple[int, ...] = (), **kwargs: Any) -> Any:
+        """One API call, answered as JSON (None for an ``allow``-ed error status); other
+        failures become BuildError kind ``runtime``, with the API server's reason."""
+        try:
+            response = await call(*args, _preload_content=False, **kwargs)
+            body = await response.read()
+        except ApiException as exc:
+            raise BuildError("runtime", f"{what}: {exc.status} {exc.reason}: {_api_message(exc.body)}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise BuildError("runtime", f"{what}: {type(exc).__name__}: {exc}") from None
+        if response.status in allow:
+            return None
+        if response.status >= 400:
+            raise BuildError("runtime", f"{what}: {response.status} {_api_message(body)}")
+        return json.loads(body) if body else None
+
+    async def close(self) -> None:
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    # -- Secrets ----------------------------------------------------------------------------
+
+    async def _put_secret(self, name: str, body: dict[str, Any]) -> None:
+        core = k8s.CoreV1Api(await self.api())
+        created = await self._call(f"creating Secret {name}", core.create_namespaced_secret, self.namespace,
+                                   body, allow=(409,))
+        if created is None:
+            await self._call(f"replacing Secret {name}", core.replace_namespaced_secret, name, self.namespace, body)
+
+    async def write_registry_secret(self, creds: dict[str, Credentials]) -> bool:
+        """Make the namespace's registry Secret hold ``creds``; True if it changed."""
+        config = dockerconfigjson(creds)
+        async with self._secret_lock:
+            if config == self._registry_auth:
+                return False
+            await self._put_secret(REGISTRY_SECRET, {
+                "metadata": {"name": REGISTRY_SECRET, "labels": {"app.kubernetes.io/managed-by": "imagebot"}},
+                "type": "kubernetes.io/dockerconfigjson",
+                "data": {".dockerconfigjson": _b64(config)},
+            })
+            self._registry_auth = config
+            return True
+
+    def _job_secret(self, name: str, job: BuildJob) -> dict[str, Any]:
+        """What the pod must know but no spec may show: the fetch token and the build args."""
+        assert job.source is not None
+        env = {k: v for k, v in git_env(job.source.clone_url, job.source.token, job.source.username,
+                                        home=Path("/work")).items() if k.startswith("GIT_")}
+        args = "\n".join(f"{k}={v}" for k, v in job.build_args.items() if "\n" not in v)
+        labels = "\n".join(f"{k}={v}" for k, v in job.labels.items() if "\n" not in v)
+        return {
+            "metadata": {"name": name, "labels": self._labels(job)},
+            "type": "Opaque",
+            "data": {**{k: _b64(v) for k, v in env.items()},
+                     "build-args": _b64(args + "\n"), "labels": _b64(labels + "\n")},
+        }
+
+    # -- the Job ----------------------------------------------------------------------------
+
+    def _labels(self, job: BuildJob) -> dict[str, str]:
+        return {LABEL_BUILD: str(job.build_id), LABEL_PLATFORM: slug(job.platform),
+                "app.kubernetes.io/managed-by": "imagebot"}
+
+    def job_manifest(self, name: str, job: BuildJob) -> dict[str, Any]:
+        """The Job for one platform (pure, given the settings)."""
+        s = self.settings
+        assert job.source is not None and job.image is not None
+        env = [
+            {"name": "IMAGEBOT_CLONE_URL", "value": job.source.clone_url},
+            {"name": "IMAGEBOT_SHA", "value": job.source.sha},
+            {"name": "IMAGEBOT_REF", "value": job.source.ref},
+            {"name": "IMAGEBOT_PLATFORM", "value": job.platform},
+            {"name": "IMAGEBOT_IMAGE", "value": job.image},
+            {"name": "IMAGEBOT_CONTEXT", "value": str(job.context.relative_to(job.source.root)) or "."},
+            {"name": "IMAGEBOT_DOCKERFILE", "value": str(job.dockerfile.relative_to(job.source.root))},
+            {"name": "IMAGEBOT_TARGET", "value": job.target or ""},
+            {"name": "IMAGEBOT_TLS_VERIFY", "value": "true" if s.k8s_registry_tls_verify else "false"},
+            {"name": "HOME", "value": "/work"},
+        ]
+        if job.push or job.pull_credentials:  # untrusted builds never see the registry Secret
+            env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
+                "name": REGISTRY_SECRET, "key": ".dockerconfigjson"}}})
+        mounts = [{"name": "work", "mountPath": "/work"}]
+        common = {
+            "image": s.k8s_builder_image,
+            "imagePullPolicy": s.k8s_image_pull_policy,
+            "env": env,
+            "securityContext": {"privileged": s.k8s_privileged},
+            "resources": s.k8s_resources,
+            "terminationMessagePolicy": "File",
+        }
+        build = {**common, "name": "build", "command": ["/bin/sh", "-c", s.k8s_build_script or BUILD_SCRIPT],
+                 "envFrom": [{"secretRef": {"name": name}}],
+                 "volumeMounts": [*mounts, {"name": "job", "mountPath": "/imagebot", "readOnly": True}]}
+        push = {**common, "name": "push", "command": ["/bin/sh", "-c",
+                                                      (s.k8s_push_script or PUSH_SCRIPT) if job.push else DONE_SCRIPT],
+                "volumeMounts": mounts}
+        pod: dict[str, Any] = {
+            "restartPolicy": "OnFailure",
+            "initContainers": [build],
+            "containers": [push],
+            "volumes": [{"name": "work", "emptyDir": {}},
+                        {"name": "job", "secret": {"secretName": name, "items": [
+                            {"key": "build-args", "path": "build-args"}, {"key": "labels", "path": "labels"}]}}],
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 5,
+            "hostNetwork": s.k8s_host_network,
+            "nodeSelector": {"kubernetes.io/os": platform_parts(job.platform)[0],
+                             **s.k8s_node_selectors.get(job.platform, {})},
+        }
+        if s.k8s_host_network:
+            pod["dnsPolicy"] = "ClusterFirstWithHostNet"
+        if s.k8s_service_account:
+            pod["serviceAccountName"] = s.k8s_service_account
+        attempts = s.push_retries + 1
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "labels": self._labels(job)},
+            "spec": {
+                # the bot decides when to give up; the Job controller must not decide first
+                "backoffLimit": attempts + 3,
+                "activeDeadlineSeconds": int(s.build_timeout_seconds + attempts * s.push_timeout_seconds),
+                "template": {"metadata": {"labels": self._labels(job)}, "spec": pod},
+            },
+        }
+
+    async def build(self, job: BuildJob, log: LogSink) -> str:
+        """Start (or adopt) the platform's Job and wait for its build step; the image is the
+        platform tag itself (buildah built straight into it)."""
+        if job.source is None or job.image is None or job.build_id is None:
+            raise BuildError("runtime", "the Kubernetes runtime needs the commit's source and the image name")
+        name = job_name(job.build_id, job.platform)
+        state = _Platform(name, job, log)
+        self._platforms[job.image] = state
+        if job.pull_credentials:
+            await self.write_registry_secret(job.pull_credentials)
+        await self._put_secret(name, self._job_secret(name, job))
+        batch = k8s.BatchV1Api(await self.api())
+        existing = await self._find_job(name)
+        if existing is not None and not _job_failed(existing):
+            await log([f"imagebot: adopting Job {self.namespace}/{name} from an earlier attempt"])
+        else:
+            if existing is not None:
+                await self._delete_job(name)
+                await self._until_gone(name)
+            await self._call(f"creating Job {name}", batch.create_namespaced_job, self.namespace,
+                             self.job_manifest(name, job))
+            await log([f"imagebot: Job {self.namespace}/{name} created"])
+        pod = await self._until(state, lambda pod: self._build_ended(pod), "its build step")
+        status = container_status(pod, "build", init=True)
+        ended = terminations(status)[-1]
+        if ended.exit_code != 0:
+            raise BuildError("build", f"the build step exited {ended.exit_code}: "
+                                      f"{sanitize(ended.message, job.secrets) if ended.message else 'see the log'}")
+        return job.image
+
+    def _build_ended(self, pod: dict[str, Any]) -> bool:
+        return bool(terminations(container_status(pod, "build", init=True)))
+
+    async def tag(self, image_id: str, target: str) -> None:
+        """Nothing to do: the image was built under its platform tag."""
+
+    async def push(self, target: str, credentials: Credentials | None, log: LogSink) -> Pushed:
+        """One push attempt: the ``push`` container's next run."""
+        state = self._platforms[target]
+        host = split_image(target)[0]
+        if credentials is not None and await self.write_registry_secret({host: credentials}):
+            await log(["imagebot: registry Secret updated for the next push attempt"])
+
+        def ended(pod: dict[str, Any]) -> bool:
+            return any(t.attempt > state.seen for t in terminations(container_status(pod, "push")))
+
+        pod = await self._until(state, ended, "a push attempt")
+        attempt = next(t for t in terminations(container_status(pod, "push")) if t.attempt > state.seen)
+        state.seen = attempt.attempt
+        secrets = state.job.secrets + ((credentials.password.get_secret_value(),) if credentials else ())
+        if attempt.exit_code != 0:
+            detail = attempt.message or f"the push step exited {attempt.exit_code}"
+            raise RegistryError.of(detail, secrets=secrets)
+        digest = attempt.message.strip()
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise RegistryError("unknown", f"the push step reported no digest: {sanitize(digest, secrets)}")
+        return Pushed(digest, await self._size(target, digest, credentials))
+
+    async def _size(self, target: str, digest: str, credentials: Credentials | None) -> int:
+        host, repository = split_image(target.rpartition(":")[0])
+        registry = RegistryClient(host, _Fixed(credentials) if credentials else None)
+        try:
+            return (await registry.describe(repository, digest, "")).size
+        finally:
+            await registry.aclose()
+
+    async def release(self, target: str) -> None:
+        """Delete the platform's Job (its pod with it) and Secret."""
+        state = self._platforms.pop(target, None)
+        if state is None:
+            return
+        for task in state.followers:
+            task.cancel()
+        await self._delete_job(state.name)
+        core = k8s.CoreV1Api(await self.api())
+        await self._call(f"deleting Secret {state.name}", core.delete_namespaced_secret, state.name,
+                         self.namespace, allow=(404,))
+
+    # -- watching ---------------------------------------------------------------------------
+
+    async def _find_job(self, name: str) -> dict[str, Any] | None:
+        batch = k8s.BatchV1Api(await self.api())
+        return await self._call(f"reading Job {name}", batch.read_namespaced_job, name, self.namespace, allow=(404,))
+
+    async def _delete_job(self, name: str) -> None:
+        batch = k8s.BatchV1Api(await self.api())
+        await self._call(f"deleting Job {name}", batch.delete_namespaced_job, name, self.namespace,
+                         propagation_policy="Background", grace_period_seconds=0, allow=(404,))
+
+    async def _until_gone(self, name: str) -> None:
+        deadline = time.monotonic() + 60
+        while await self._find_job(name) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(self.settings.k8s_poll_seconds)
+
+    async def _pod(self, name: str) -> dict[str, Any] | None:
+        core = k8s.CoreV1Api(await self.api())
+        pods = await self._call(f"listing the pods of Job {name}", core.list_namespaced_pod, self.namespace,
+                                label_selector=f"job-name={name}")
+        live = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
+        return max(live, key=lambda p: p["metadata"]["creationTimestamp"]) if live else None
+
+    async def _until(self, state: _Platform, done: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        """Poll the Job's pod until ``done`` says so; fail clearly if it can never happen."""
+        since = time.monotonic()
+        while True:
+            pod = await self._pod(state.name)
+            if pod is not None:
+                self._follow(state, pod)
+                if done(pod):
+                    return pod
+                if reason := stuck_reason(pod):
+                    if any(r in reason for r in STUCK) or time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
+                        raise BuildError("runtime", f"the pod of {state.name} cannot start: {reason}")
+                if (why := unschedulable(pod)) and time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
+                    raise BuildError("unschedulable", f"no node runs {state.job.platform} "
+                                                      f"(waited {self.settings.k8s_schedule_timeout_seconds:.0f} s): {why}")
+            else:
+                job = await self._find_job(state.name)
+                if job is None:
+                    raise BuildError("runtime", f"Job {state.name} is gone (deleted by someone else?)")
+                if _job_failed(job):
+                    raise BuildError("runtime", f"Job {state.name} failed: {_job_failed(job)}")
+                if time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
+                    raise BuildError("unschedulable", f"Job {state.name} made no pod in "
+                                                      f"{self.settings.k8s_schedule_timeout_seconds:.0f} s")
+            await asyncio.sleep(self.settings.k8s_poll_seconds)
+
+    def _follow(self, state: _Platform, pod: dict[str, Any]) -> None:
+        """Stream the build step's log into the build log, once the step has started."""
+        if state.followers:
+            return
+        status = container_status(pod, "build", init=True)
+        if status and ((status.get("state") or {}).get("running") or terminations(status)):
+            state.followers.append(asyncio.create_task(self._stream(state, pod["metadata"]["name"], "build")))
+
+    async def _stream(self, state: _Platform, pod_name: str, container: str) -> None:
+        core = k8s.CoreV1Api(await self.api())
+        try:
+            response = await core.read_namespaced_pod_log(pod_name, self.namespace, container=container,
+                                                          follow=True, _preload_content=False)
+            async for raw in response.content:  # the sink masks secrets and batches the writes
+                await state.log([raw.decode("utf-8", "replace").rstrip("\n")])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a lost log stream must not fail the build
+            log.warning("log stream of %s/%s ended: %s", pod_name, container, exc)
+
+
+class _Fixed:
+    """Credentials as RegistryClient asks for them, fixed for one call."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def get(self) -> Credentials:
+        return self._credentials
+
+
+def _job_failed(job: dict[str, Any]) -> str | None:
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond["type"] == "Failed" and cond["status"] == "True":
+            return cond.get("message") or cond.get("reason") or "failed"
+    return None
+
+
+def _api_message(body: Any) -> str:
+    try:
+        return str(json.loads(body).get("message", ""))[:300]
+    except (TypeError, ValueError, AttributeError):
+        return str(body)[:300]
