@@ -95,3 +95,188 @@ def test_two_platforms_as_jobs_end_like_the_docker_runtime(k8s, services, databa
     assert run_image(services, f"{image}:main", "linux/amd64") == "x86_64"
     assert run_image(services, f"{image}:main", "linux/arm64") == "aarch64"
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
+
+
+# -- registries that misbehave (the same cases as the Docker runtime's, tests/test_pipeline_failures.py) --
+
+
+def run_watching(settings, db, build, on_message):
+    """Run the pipeline; ``on_message`` sees every bus message (events and log lines) as published."""
+    from bot.pipeline.run import Pipeline
+    from bot.telemetry import Telemetry
+
+    async def go():
+        hub = Telemetry(db)
+        subscription = hub.bus.subscribe(10_000)
+
+        async def watch():
+            async for message in subscription:
+                await on_message(message)
+
+        watcher = asyncio.create_task(watch())
+        pipeline = Pipeline(settings, hub)
+        try:
+            return await pipeline(build)
+        finally:
+            watcher.cancel()
+            await pipeline.runtime.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def htpasswd_registry(tmp_path, services):
+    from tests.standins.registry import HtpasswdRegistry
+    from tests.test_pipeline_failures import PASSWORD, USER
+
+    with HtpasswdRegistry(tmp_path / "reg", users={USER: PASSWORD}) as registry:
+        yield registry
+
+
+def private_forge(tmp_path, services, registry, *, password=None):
+    from tests.test_pipeline_failures import PASSWORD, USER, seed_base
+
+    base = seed_base(services, registry.host, USER, password or PASSWORD)
+    repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(base))
+    return GitHTTPServer(tmp_path / "srv"), repo
+
+
+def on_registry(k8s, registry, database, namespace, **overrides):
+    from tests.test_pipeline_failures import PASSWORD, USER
+    from tests.support import make_settings
+
+    values = dict(registry=f"{registry.host}/it", registry_username=USER, registry_password=PASSWORD,
+                  platforms=["linux/amd64"], push_retries=2, retry_initial_seconds=0.2, retry_max_seconds=1.0,
+                  runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=k8s.kubeconfig,
+                  k8s_builder_image=k8s.builder_image, k8s_image_pull_policy="Never", k8s_host_network=True,
+                  k8s_registry_tls_verify=False, k8s_poll_seconds=0.2)
+    values.update(overrides)
+    return make_settings(database.url, **values)
+
+
+def registry_secret(k8s: Cluster, namespace: str) -> dict:
+    with k8s.client() as api:
+        secret = expect(api.get(f"/api/v1/namespaces/{namespace}/secrets/{REGISTRY_SECRET}"))
+    return json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+
+
+def test_password_rotated_mid_run_patches_the_secret_and_heals(
+        k8s, services, database, namespace, tmp_path, htpasswd_registry, monkeypatch):
+    import os
+
+    from tests.standins.credential_helper import ENV_VAR, CredentialHelper
+    from tests.test_pipeline_failures import PASSWORD, USER
+
+    server, repo = private_forge(tmp_path, services, htpasswd_registry)
+    helper = CredentialHelper(tmp_path / "creds.json", {htpasswd_registry.host: (USER, PASSWORD)})
+    monkeypatch.setenv("PATH", helper.bin_dir + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv(ENV_VAR, str(helper.path))
+    rotated = {"done": False}
+
+    async def chaos(message):
+        # the base image is pulled (STEP 1); rotate before the push container starts
+        if message["type"] == "log" and "RUN uname" in message["line"] and not rotated["done"]:
+            rotated["done"] = True
+            htpasswd_registry.set_password(USER, "second-password")
+            helper.set(htpasswd_registry.host, USER, "second-password")
+
+    settings = on_registry(k8s, htpasswd_registry, database, namespace, registry_password=None,
+                           registry_username=None, registry_credential_helper="imagebot-test")
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_watching(settings, database, build, chaos)
+    seen = events(database, build)
+    assert outcome.status.value == "succeeded", (outcome.error_message, seen)
+    names = [e["name"] for e in seen]
+    assert names.index("auth_refresh_succeeded") < names.index("push_retry") < names.index("push_succeeded")
+    retries = [e for e in seen if e["name"] == "push_retry"]
+    assert retries and all((e["platform"] in PLATFORMS, e["data"]["kind"]) == (True, "auth") for e in retries)
+    assert any(e["data"]["refreshed"] for e in retries)
+    refresh = next(e for e in seen if e["name"] == "auth_refresh_succeeded")
+    assert refresh["platform"] in PLATFORMS and refresh["data"]["changed"] is True
+    auth = registry_secret(k8s, namespace)["auths"][htpasswd_registry.host]["auth"]
+    assert base64.b64decode(auth).decode() == f"{USER}:second-password"  # patched, for the next attempt
+    assert "second-password" not in json.dumps(seen) and PASSWORD not in json.dumps(seen)
+
+
+def test_credentials_that_never_work_fail_with_auth_after_bounded_attempts(
+        k8s, services, database, namespace, tmp_path, htpasswd_registry):
+    from tests.test_pipeline_failures import USER
+
+    server, repo = private_forge(tmp_path, services, htpasswd_registry)
+
+    async def chaos(message):
+        if message["type"] == "log" and "RUN uname" in message["line"]:
+            htpasswd_registry.set_password(USER, "nobody-told-the-bot")
+
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_watching(on_registry(k8s, htpasswd_registry, database, namespace, push_retries=1),
+                               database, build, chaos)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "push", "auth")
+    failed = [e for e in events(database, build) if e["name"] == "push_failed"]
+    assert sorted((e["platform"], e["data"]["kind"], e["data"]["attempts"]) for e in failed) == [
+        ("linux/amd64", "auth", 2), ("linux/arm64", "auth", 2)]
+    assert all("unauthorized" in e["data"]["detail"] for e in failed)
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job deleted after giving up")
+
+
+def test_a_denied_push_fails_at_once(k8s, services, database, namespace, tmp_path):
+    from tests.standins.registry import TokenRegistry
+    from tests.test_pipeline_failures import PASSWORD, USER
+
+    with TokenRegistry(tmp_path / "treg", users={USER: PASSWORD}) as registry:
+        server, repo = private_forge(tmp_path, services, registry)
+        registry.deny(USER, "it/acme/app", ["push"])
+        with server:
+            build = new_build(database, server, repo)
+            outcome = run_watching(on_registry(k8s, registry, database, namespace), database, build,
+                                   lambda m: asyncio.sleep(0))
+    assert (outcome.status.value, outcome.error_kind) == ("failed", "denied"), outcome
+    seen = events(database, build)
+    assert not [e for e in seen if e["name"] == "push_retry"]
+    failed = [e for e in seen if e["name"] == "push_failed"]
+    assert failed and all((e["data"]["kind"], e["data"]["attempts"]) == ("denied", 1) for e in failed)
+
+
+def test_a_platform_no_node_can_run_fails_clearly_in_time(k8s, services, database, namespace, tmp_path):
+    repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_TEST_BASE_IMAGE"]))
+    settings = k8s_settings(k8s, services, database, namespace, platforms=["linux/arm64"],
+                            k8s_node_selectors={"linux/arm64": {"kubernetes.io/arch": "arm64"}},
+                            k8s_schedule_timeout_seconds=3)
+    with GitHTTPServer(tmp_path / "srv") as server:
+        build = new_build(database, server, repo)
+        started = asyncio.get_event_loop_policy().new_event_loop().time()
+        outcome = run(settings, database, build)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "unschedulable")
+    assert "no node runs linux/arm64" in outcome.error_message and "node(s) didn't match" in outcome.error_message
+    assert started is not None
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job deleted")
+
+
+def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespace, tmp_path):
+    from bot.pipeline.run import Pipeline
+    from bot.telemetry import Telemetry
+
+    files = {"Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nRUN sleep 300\n"}
+    repo = make_repo(tmp_path / "srv", "acme/app", files)
+    settings = k8s_settings(k8s, services, database, namespace, platforms=["linux/amd64"])
+
+    async def go():
+        pipeline = Pipeline(settings, Telemetry(database))
+        task = asyncio.create_task(pipeline(build))
+        def building(pod) -> bool:
+            return any((s.get("state") or {}).get("running") for s in pod["status"].get("initContainerStatuses") or [])
+
+        while not any(building(p) for p in jobs_and_pods(k8s, namespace)[1]):
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.2)  # polling the cluster for the pod to run
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pipeline.runtime.close()
+
+    with GitHTTPServer(tmp_path / "srv") as server:
+        build = new_build(database, server, repo)
+        asyncio.run(go())
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 30, "the Job and its pod gone")

@@ -88,6 +88,9 @@ class Runtime(Protocol):
     async def release(self, target: str) -> None:
         """The platform is over (pushed, failed, or cancelled): free what it held."""
 
+    async def close(self) -> None:
+        """The runtime is no longer needed (its clients are closed)."""
+
 
 def runtime_for(settings: Settings) -> Runtime:
     """The runtime ``IMAGEBOT_RUNTIME`` names."""

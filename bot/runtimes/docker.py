@@ -350,6 +350,9 @@ class DockerRuntime:
     async def release(self, target: str) -> None:
         """Nothing to free: the engine keeps its images (they are the next build's cache)."""
 
+    async def close(self) -> None:
+        """Nothing held between builds (an engine client is made per call)."""
+
     async def push(self, target: str, credentials: Credentials | None, log: LogSink) -> Pushed:
         """Push ``target``; raises a classified :class:`RegistryError` on any failure."""
         repository, _, tag = target.rpartition(":")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -85,12 +86,17 @@ PUSH_SCRIPT = r"""set -u
 auth=${REGISTRY_AUTH:-}
 [ -n "$auth" ] || auth='{"auths": {}}'
 printf '%s' "$auth" > /tmp/auth.json
-buildah --root /work/storage --runroot /work/run --storage-driver vfs push --authfile /tmp/auth.json \
+used=$(printf '%s' "${REGISTRY_AUTH:-}" | sha256sum | cut -d' ' -f1)
+buildah --root /work/storage --runroot /work/run --storage-driver vfs push --quiet --authfile /tmp/auth.json \
   --tls-verify="$IMAGEBOT_TLS_VERIFY" --digestfile /tmp/digest "$IMAGEBOT_IMAGE" "docker://$IMAGEBOT_IMAGE" \
   2>/tmp/err
 rc=$?
 cat /tmp/err >&2
-if [ "$rc" -eq 0 ]; then cat /tmp/digest > /dev/termination-log; else tail -c 3000 /tmp/err > /dev/termination-log; fi
+if [ "$rc" -eq 0 ]; then cat /tmp/digest > /dev/termination-log; exit 0; fi
+# the registry's words are on the error lines; progress output would crowd them out
+# and which credentials this run had: the kubelet may restart it before it sees a new Secret
+{ { sed -n '/[Ee]rror/,$p' /tmp/err | grep . || cat /tmp/err; } | tail -c 2000; echo; echo "imagebot-auth: $used"; } \
+  > /dev/termination-log
 exit "$rc"
 """
 DONE_SCRIPT = "echo 'imagebot: built; this build pushes nothing'"
@@ -157,6 +163,15 @@ def stuck_reason(pod: dict[str, Any]) -> str | None:
         if waiting.get("reason") in STUCK | PULL_TROUBLE:
             return f"{status['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip()
     return None
+
+
+def split_auth_note(message: str) -> tuple[str, str | None]:
+    """A failed push's termination message: the registry's words, and the fingerprint of the
+    credentials that run had (None when the script did not say)."""
+    match = re.search(r"\n?imagebot-auth: ([0-9a-f]{64})\s*$", message)
+    if match is None:
+        return message.strip(), None
+    return message[: match.start()].strip(), match.group(1)
 
 
 def unschedulable(pod: dict[str, Any]) -> str | None:
@@ -380,17 +395,28 @@ class KubernetesRuntime:
         def ended(pod: dict[str, Any]) -> bool:
             return any(t.attempt > state.seen for t in terminations(container_status(pod, "push")))
 
-        pod = await self._until(state, ended, "a push attempt")
-        attempt = next(t for t in terminations(container_status(pod, "push")) if t.attempt > state.seen)
-        state.seen = attempt.attempt
+        while True:
+            pod = await self._until(state, ended, "a push attempt")
+            attempt = next(t for t in terminations(container_status(pod, "push")) if t.attempt > state.seen)
+            state.seen = attempt.attempt
+            detail, used = split_auth_note(attempt.message)
+            if attempt.exit_code == 0 or used is None or used == self._fingerprint():
+                break
+            # The kubelet restarted the container before it saw the patched Secret: that run
+            # could not have worked, and is not an attempt. The next run (after the kubelet's
+            # back-off) gets the new credentials.
+            await log([f"imagebot: push run {attempt.attempt} had replaced credentials; waiting for the next run"])
         secrets = state.job.secrets + ((credentials.password.get_secret_value(),) if credentials else ())
         if attempt.exit_code != 0:
-            detail = attempt.message or f"the push step exited {attempt.exit_code}"
-            raise RegistryError.of(detail, secrets=secrets)
+            raise RegistryError.of(detail or f"the push step exited {attempt.exit_code}", secrets=secrets)
         digest = attempt.message.strip()
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise RegistryError("unknown", f"the push step reported no digest: {sanitize(digest, secrets)}")
         return Pushed(digest, await self._size(target, digest, credentials))
+
+    def _fingerprint(self) -> str:
+        """What the push script prints of the credentials it ran with."""
+        return hashlib.sha256((self._registry_auth or "").encode()).hexdigest()
 
     async def _size(self, target: str, digest: str, credentials: Credentials | None) -> int:
         host, repository = split_image(target.rpartition(":")[0])
