@@ -159,3 +159,16 @@ def service_account_token(c: Cluster, namespace: str, name: str, timeout: float 
             return None
 
         return poll(token, timeout, f"the token Secret of ServiceAccount {namespace}/{name}")
+
+
+def kubeconfig_for(c: Cluster, token: str, path: Path) -> Path:
+    """A kubeconfig that talks to the cluster as the holder of ``token`` (e.g. a ServiceAccount)."""
+    import json
+
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": c.server, "certificate-authority": str(c.ca)}}],
+        "users": [{"name": "test", "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+    }))
+    return path

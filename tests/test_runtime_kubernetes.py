@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bot.runtimes.kubernetes import REGISTRY_SECRET, KubernetesRuntime
-from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, poll
+from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.test_pipeline_run import (
     PLATFORMS,
@@ -46,6 +46,18 @@ def namespace(k8s: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
+def bot_kubeconfig(k8s: Cluster, namespace: str, tmp_path: Path) -> Iterator[Path]:
+    """The runtime runs as deploy/kubernetes' ServiceAccount, with exactly its Role's rights
+    in the build namespace (the API server authorizes with RBAC): least privilege, proven."""
+    from tests.test_deploy import apply_deploy_rbac
+
+    bot_namespace = create_namespace(k8s, "imagebot-bot")
+    token = apply_deploy_rbac(k8s, bot_namespace, namespace)
+    yield kubeconfig_for(k8s, token, tmp_path / "bot.kubeconfig")
+    delete_namespace(k8s, bot_namespace)
+
+
+@pytest.fixture
 def database(sqlite_template, tmp_path):
     import shutil
 
@@ -58,9 +70,9 @@ def database(sqlite_template, tmp_path):
     db.close()
 
 
-def k8s_settings(k8s: Cluster, services, database, namespace: str, **overrides):
+def k8s_settings(k8s: Cluster, services, database, namespace: str, kubeconfig: Path, **overrides):
     return settings_for(
-        services, database, runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=k8s.kubeconfig,
+        services, database, runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=kubeconfig,
         k8s_builder_image=k8s.builder_image, k8s_image_pull_policy="Never", k8s_host_network=True,
         k8s_registry_tls_verify=False, k8s_poll_seconds=0.2, **overrides)
 
@@ -72,10 +84,10 @@ def jobs_and_pods(k8s: Cluster, namespace: str) -> tuple[list, list]:
     return jobs, pods
 
 
-def test_two_platforms_as_jobs_end_like_the_docker_runtime(k8s, services, database, namespace, tmp_path):
+def test_two_platforms_as_jobs_end_like_the_docker_runtime(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
     repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_TEST_BASE_IMAGE"]))
     with GitHTTPServer(tmp_path / "srv") as server:
-        settings = k8s_settings(k8s, services, database, namespace)
+        settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig)
         build = new_build(database, server, repo)
         outcome = run(settings, database, build)
     seen = events(database, build)
@@ -141,13 +153,13 @@ def private_forge(tmp_path, services, registry, *, password=None):
     return GitHTTPServer(tmp_path / "srv"), repo
 
 
-def on_registry(k8s, registry, database, namespace, **overrides):
+def on_registry(k8s, registry, database, namespace, kubeconfig, **overrides):
     from tests.test_pipeline_failures import PASSWORD, USER
     from tests.support import make_settings
 
     values = dict(registry=f"{registry.host}/it", registry_username=USER, registry_password=PASSWORD,
                   platforms=["linux/amd64"], push_retries=2, retry_initial_seconds=0.2, retry_max_seconds=1.0,
-                  runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=k8s.kubeconfig,
+                  runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=kubeconfig,
                   k8s_builder_image=k8s.builder_image, k8s_image_pull_policy="Never", k8s_host_network=True,
                   k8s_registry_tls_verify=False, k8s_poll_seconds=0.2)
     values.update(overrides)
@@ -161,7 +173,7 @@ def registry_secret(k8s: Cluster, namespace: str) -> dict:
 
 
 def test_password_rotated_mid_run_patches_the_secret_and_heals(
-        k8s, services, database, namespace, tmp_path, htpasswd_registry, monkeypatch):
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path, htpasswd_registry, monkeypatch):
     import os
 
     from tests.standins.credential_helper import ENV_VAR, CredentialHelper
@@ -180,7 +192,7 @@ def test_password_rotated_mid_run_patches_the_secret_and_heals(
             htpasswd_registry.set_password(USER, "second-password")
             helper.set(htpasswd_registry.host, USER, "second-password")
 
-    settings = on_registry(k8s, htpasswd_registry, database, namespace, registry_password=None,
+    settings = on_registry(k8s, htpasswd_registry, database, namespace, bot_kubeconfig, registry_password=None,
                            registry_username=None, registry_credential_helper="imagebot-test")
     with server:
         build = new_build(database, server, repo)
@@ -200,7 +212,7 @@ def test_password_rotated_mid_run_patches_the_secret_and_heals(
 
 
 def test_credentials_that_never_work_fail_with_auth_after_bounded_attempts(
-        k8s, services, database, namespace, tmp_path, htpasswd_registry):
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path, htpasswd_registry):
     from tests.test_pipeline_failures import USER
 
     server, repo = private_forge(tmp_path, services, htpasswd_registry)
@@ -211,7 +223,7 @@ def test_credentials_that_never_work_fail_with_auth_after_bounded_attempts(
 
     with server:
         build = new_build(database, server, repo)
-        outcome = run_watching(on_registry(k8s, htpasswd_registry, database, namespace, push_retries=1),
+        outcome = run_watching(on_registry(k8s, htpasswd_registry, database, namespace, bot_kubeconfig, push_retries=1),
                                database, build, chaos)
     assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "push", "auth")
     failed = [e for e in events(database, build) if e["name"] == "push_failed"]
@@ -221,7 +233,7 @@ def test_credentials_that_never_work_fail_with_auth_after_bounded_attempts(
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job deleted after giving up")
 
 
-def test_a_denied_push_fails_at_once(k8s, services, database, namespace, tmp_path):
+def test_a_denied_push_fails_at_once(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
     from tests.standins.registry import TokenRegistry
     from tests.test_pipeline_failures import PASSWORD, USER
 
@@ -230,7 +242,7 @@ def test_a_denied_push_fails_at_once(k8s, services, database, namespace, tmp_pat
         registry.deny(USER, "it/acme/app", ["push"])
         with server:
             build = new_build(database, server, repo)
-            outcome = run_watching(on_registry(k8s, registry, database, namespace), database, build,
+            outcome = run_watching(on_registry(k8s, registry, database, namespace, bot_kubeconfig), database, build,
                                    lambda m: asyncio.sleep(0))
     assert (outcome.status.value, outcome.error_kind) == ("failed", "denied"), outcome
     seen = events(database, build)
@@ -239,9 +251,9 @@ def test_a_denied_push_fails_at_once(k8s, services, database, namespace, tmp_pat
     assert failed and all((e["data"]["kind"], e["data"]["attempts"]) == ("denied", 1) for e in failed)
 
 
-def test_a_platform_no_node_can_run_fails_clearly_in_time(k8s, services, database, namespace, tmp_path):
+def test_a_platform_no_node_can_run_fails_clearly_in_time(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
     repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_TEST_BASE_IMAGE"]))
-    settings = k8s_settings(k8s, services, database, namespace, platforms=["linux/arm64"],
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, platforms=["linux/arm64"],
                             k8s_node_selectors={"linux/arm64": {"kubernetes.io/arch": "arm64"}},
                             k8s_schedule_timeout_seconds=3)
     with GitHTTPServer(tmp_path / "srv") as server:
@@ -254,13 +266,13 @@ def test_a_platform_no_node_can_run_fails_clearly_in_time(k8s, services, databas
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job deleted")
 
 
-def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespace, tmp_path):
+def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
     from bot.pipeline.run import Pipeline
     from bot.telemetry import Telemetry
 
     files = {"Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nRUN sleep 300\n"}
     repo = make_repo(tmp_path / "srv", "acme/app", files)
-    settings = k8s_settings(k8s, services, database, namespace, platforms=["linux/amd64"])
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, platforms=["linux/amd64"])
 
     async def go():
         pipeline = Pipeline(settings, Telemetry(database))
