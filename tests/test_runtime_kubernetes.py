@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bot.runtimes.kubernetes import REGISTRY_SECRET, KubernetesRuntime
+from bot import telemetry
+from bot.runtimes.kubernetes import REGISTRY_SECRET
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.test_pipeline_run import (
@@ -107,6 +109,27 @@ def test_two_platforms_as_jobs_end_like_the_docker_runtime(k8s, services, databa
     assert run_image(services, f"{image}:main", "linux/amd64") == "x86_64"
     assert run_image(services, f"{image}:main", "linux/arm64") == "aarch64"
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
+
+    # the pod's log streamed into the build log, per platform, like a Docker build's
+    lines = database.read_sync(lambda c: telemetry.log_of(c, build.id))
+    for platform in PLATFORMS:
+        mine = [line["line"] for line in lines if line["platform"] == platform]
+        assert any("RUN uname -m" in line for line in mine), mine[-20:]
+
+    # the telemetry contract: the same events with the same shapes as the Docker runtime's
+    with GitHTTPServer(tmp_path / "srv") as server:
+        docker_build = new_build(database, server, repo)
+        docker_outcome = run(settings_for(services, database), database, docker_build)
+    assert docker_outcome.status.value == "succeeded"
+    assert shapes(events(database, docker_build)) == shapes(seen)
+
+
+def shapes(seen: list[dict]) -> dict:
+    """Per platform (None: the build as a whole), each event's name and the keys of its data."""
+    by_platform: dict = {}
+    for event in seen:
+        by_platform.setdefault(event["platform"], []).append((event["name"], sorted(event["data"])))
+    return by_platform
 
 
 # -- registries that misbehave (the same cases as the Docker runtime's, tests/test_pipeline_failures.py) --
@@ -292,3 +315,74 @@ def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespa
         build = new_build(database, server, repo)
         asyncio.run(go())
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 30, "the Job and its pod gone")
+
+
+# -- a worker restart adopts the Jobs in flight ----------------------------------------------------
+
+
+def test_kill_9_mid_build_then_restart_adopts_the_jobs(k8s, services, namespace, bot_kubeconfig, tmp_path):
+    import threading
+
+    from tests.e2e.test_reporting import deliver, push_payload
+    from tests.support import GITHUB_SECRET, BotProcess, free_port, wait_until
+
+    files = {"Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nRUN sleep 4 && uname -m > /arch\n"}
+    repo = make_repo(tmp_path / "srv", "acme/app", files)
+    seen: dict[str, set[str]] = {}
+    watching = threading.Event()
+
+    def watch() -> None:  # every Job ever created in the namespace, by name and uid
+        while not watching.is_set():
+            for job in jobs_and_pods(k8s, namespace)[0]:
+                seen.setdefault(job["metadata"]["name"], set()).add(job["metadata"]["uid"])
+            watching.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with GitHTTPServer(tmp_path / "srv") as git:
+        env = {
+            "IMAGEBOT_DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}",
+            "IMAGEBOT_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
+            "IMAGEBOT_LEASE_SECONDS": "2", "IMAGEBOT_POLL_SECONDS": "0.1", "IMAGEBOT_SHUTDOWN_GRACE_SECONDS": "0",
+            "IMAGEBOT_PLATFORMS": "linux/amd64,linux/arm64",
+            "IMAGEBOT_REGISTRY": f"{services['IMAGEBOT_TEST_REGISTRY']}/kill{free_port()}",
+            "IMAGEBOT_REGISTRY_USERNAME": services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
+            "IMAGEBOT_REGISTRY_PASSWORD": services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
+            "IMAGEBOT_RUNTIME": "kubernetes", "IMAGEBOT_K8S_NAMESPACE": namespace,
+            "IMAGEBOT_K8S_KUBECONFIG": str(bot_kubeconfig), "IMAGEBOT_K8S_BUILDER_IMAGE": k8s.builder_image,
+            "IMAGEBOT_K8S_IMAGE_PULL_POLICY": "Never", "IMAGEBOT_K8S_HOST_NETWORK": "true",
+            "IMAGEBOT_K8S_REGISTRY_TLS_VERIFY": "false", "IMAGEBOT_K8S_POLL_SECONDS": "0.2",
+        }
+        bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot.log").start()
+        try:
+            bot.wait_healthy(url)
+            answer = deliver(url, "push", push_payload(git.repo_url("acme/app"), repo.head()), "k8s-kill-1")
+            build_id = answer.json()["build_id"]
+            wait_until(lambda: len(seen) == 2, timeout=60, what="both platforms' Jobs")
+            bot.stop(signal.SIGKILL)
+        finally:
+            bot.stop()
+        bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot2.log").start()
+        try:
+            bot.wait_healthy(url)
+            done = wait_until(lambda: (b := httpx.get(f"{url}/api/builds/{build_id}").json())["status"]
+                              in ("succeeded", "failed") and b, timeout=300, what="the build to end")
+        finally:
+            bot.stop()
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
+    watching.set()
+    watcher.join()
+    assert done["status"] == "succeeded" and done["attempts"] == 2, (done, bot.log()[-3000:])
+    assert sorted(seen) == [f"imagebot-{build_id}-linux-amd64", f"imagebot-{build_id}-linux-arm64"]
+    assert all(len(uids) == 1 for uids in seen.values()), seen  # adopted, never started again
+    from bot import telemetry
+    from bot.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'bot.db'}")
+    try:
+        lines = [line["line"] for line in db.read_sync(lambda c: telemetry.log_of(c, build_id))]
+    finally:
+        db.close()
+    assert sum("adopting Job" in line for line in lines) == 2
