@@ -19,7 +19,7 @@ from bot.db import Database
 from bot.settings import Settings
 from bot.webhooks import github, gitlab
 from bot.webhooks.ingress import WebhookError
-from bot.pipeline.run import runner_for
+from bot.pipeline.run import Pipeline, runner_for
 from bot.reporters.sender import Sender
 from bot.telemetry import Telemetry
 from bot.worker import RunBuild, Worker
@@ -87,6 +87,8 @@ def create_app(
             if worker and task:
                 worker.stop()
                 await task
+            if isinstance(runner, Pipeline):
+                await runner.aclose()
             sender.stop()  # after the worker: its last reports are owed by now
             await sending
             if db is None:

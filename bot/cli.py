@@ -90,7 +90,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _worker(settings: Settings) -> None:
-    from bot.pipeline.run import runner_for
+    from bot.pipeline.run import Pipeline, runner_for
     from bot.reporters.sender import Sender
     from bot.telemetry import Telemetry
     from bot.worker import Worker
@@ -100,7 +100,8 @@ def _worker(settings: Settings) -> None:
     async def run() -> None:
         database = dbmod.Database(settings.database_url.get_secret_value())
         telemetry = Telemetry(database)
-        worker = Worker(database, settings, runner_for(settings, telemetry), bus=telemetry.bus)
+        runner = runner_for(settings, telemetry)
+        worker = Worker(database, settings, runner, bus=telemetry.bus)
         sender = Sender(database, settings, bus=telemetry.bus)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -109,6 +110,8 @@ def _worker(settings: Settings) -> None:
         try:
             await worker.run()
         finally:
+            if isinstance(runner, Pipeline):
+                await runner.aclose()
             sender.stop()
             await sending
             database.close()
@@ -170,13 +173,14 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"  {where}{message['line']}", flush=True)
 
         printer = asyncio.create_task(show())
-        worker = Worker(database, settings, Pipeline(settings, telemetry, no_push=args.no_push),
-                        bus=telemetry.bus)
+        pipeline = Pipeline(settings, telemetry, no_push=args.no_push)
+        worker = Worker(database, settings, pipeline, bus=telemetry.bus)
         try:
             outcome = await worker.run_one(recorded.build_id)
         finally:
             await asyncio.sleep(0)  # let the printer show the last events
             printer.cancel()
+            await pipeline.aclose()
             database.close()
         if outcome is None:
             print(f"imagebot: build {recorded.build_id} was taken by another worker", file=sys.stderr)

@@ -119,6 +119,12 @@ class Pipeline:
                                   settings.retry_max_seconds)
         self.forge_tokens = forge_tokens
 
+    async def aclose(self) -> None:
+        """Close the runtime's and GitHub's clients (the worker is done with this pipeline)."""
+        await self.runtime.close()
+        if self.github is not None:
+            await self.github.aclose()
+
     # -- the whole build ------------------------------------------------------------------------
 
     async def __call__(self, build: Build) -> BuildOutcome:
