@@ -265,7 +265,7 @@ class KubernetesRuntime:
             self._registry_auth = config
             return True
 
-    def _job_secret(self, name: str, job: BuildJob) -> dict[str, Any]:
+    def job_secret(self, name: str, job: BuildJob) -> dict[str, Any]:
         """What the pod must know but no spec may show: the fetch token and the build args."""
         assert job.source is not None
         env = {k: v for k, v in git_env(job.source.clone_url, job.source.token, job.source.username,
@@ -359,7 +359,7 @@ class KubernetesRuntime:
         self._platforms[job.image] = state
         if job.pull_credentials:
             await self.write_registry_secret(job.pull_credentials)
-        await self._put_secret(name, self._job_secret(name, job))
+        await self._put_secret(name, self.job_secret(name, job))
         batch = k8s.BatchV1Api(await self.api())
         existing = await self._find_job(name)
         if existing is not None and not _job_failed(existing):

@@ -1,0 +1,107 @@
+"""The Kubernetes runtime's pure parts: the Job it asks for, and what it reads off a pod."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from bot.pipeline.credentials import Credentials
+from bot.runtimes import BuildJob, Source
+from bot.runtimes.kubernetes import (
+    REGISTRY_SECRET,
+    KubernetesRuntime,
+    dockerconfigjson,
+    job_name,
+    split_auth_note,
+    stuck_reason,
+    terminations,
+    unschedulable,
+)
+from tests.support import make_settings
+
+TOKEN = "ghs_TheForgeTokenNeverInASpec000000000"
+SECRET_ARG = "build-arg-secret-value-42"
+
+
+def job(push=True, pull=True, platform="linux/arm64") -> BuildJob:
+    root = Path("/tmp/checkout")
+    return BuildJob(
+        context=root / "app", dockerfile=root / "app" / "Dockerfile", platform=platform, tag=None,
+        build_args={"TOKEN": SECRET_ARG, "TARGETARCH": "arm64"}, labels={"org.opencontainers.image.revision": "a" * 40},
+        target="runtime",
+        pull_credentials={"registry.example": Credentials("bot", SecretStr("pw"))} if pull else None,
+        image="registry.example/acme/app:sha-aaaaaaa-linux-arm64",
+        source=Source(root, "https://github.com/acme/app.git", "a" * 40, "refs/heads/main", SecretStr(TOKEN),
+                      "x-access-token"),
+        build_id=12, push=push, secrets=(SECRET_ARG,),
+    )
+
+
+def runtime(**settings) -> KubernetesRuntime:
+    return KubernetesRuntime(make_settings(runtime="kubernetes", **settings))
+
+
+def test_the_job_carries_no_secret_and_runs_build_then_push():
+    rt = runtime(k8s_node_selectors={"linux/arm64": {"kubernetes.io/arch": "arm64"}},
+                 k8s_resources={"requests": {"cpu": "1"}}, k8s_service_account="builder")
+    manifest = rt.job_manifest(job_name(12, "linux/arm64"), job())
+    text = json.dumps(manifest)
+    assert TOKEN not in text and SECRET_ARG not in text and "pw" not in json.dumps(manifest["spec"]["template"]["spec"]["containers"][0]["env"])
+    assert manifest["metadata"]["name"] == "imagebot-12-linux-arm64"
+    pod = manifest["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["build"] and [c["name"] for c in pod["containers"]] == ["push"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "kubernetes.io/arch": "arm64"}
+    assert pod["serviceAccountName"] == "builder" and pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "OnFailure" and pod["initContainers"][0]["resources"] == {"requests": {"cpu": "1"}}
+    env = {e["name"]: e for e in pod["initContainers"][0]["env"]}
+    assert env["IMAGEBOT_CONTEXT"]["value"] == "app" and env["IMAGEBOT_DOCKERFILE"]["value"] == "app/Dockerfile"
+    assert env["REGISTRY_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": REGISTRY_SECRET, "key": ".dockerconfigjson"}
+    assert pod["initContainers"][0]["envFrom"] == [{"secretRef": {"name": "imagebot-12-linux-arm64"}}]
+
+
+def test_an_untrusted_build_never_sees_the_registry_secret():
+    manifest = runtime().job_manifest("j", job(push=False, pull=False))
+    assert REGISTRY_SECRET not in json.dumps(manifest)
+
+
+def test_the_per_build_secret_holds_the_token_and_build_args():
+    secret = runtime().job_secret("imagebot-12-linux-arm64", job())
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    header = next(v for k, v in data.items() if k.startswith("GIT_CONFIG_VALUE") and "Authorization" in v)
+    assert base64.b64decode(header.split()[-1]).decode() == f"x-access-token:{TOKEN}"
+    assert f"TOKEN={SECRET_ARG}" in data["build-args"].splitlines()
+
+
+def test_registry_secret_content():
+    config = json.loads(dockerconfigjson({"r.example": Credentials("u", SecretStr("p"))}))
+    assert config == {"auths": {"r.example": {"auth": base64.b64encode(b"u:p").decode()}}}
+
+
+def test_push_runs_are_read_off_the_container_status():
+    status = {"name": "push", "restartCount": 2,
+              "lastState": {"terminated": {"exitCode": 1, "message": "Error: unauthorized"}},
+              "state": {"terminated": {"exitCode": 0, "message": "sha256:" + "1" * 64}}}
+    assert [(t.attempt, t.exit_code) for t in terminations(status)] == [(2, 1), (3, 0)]
+    assert terminations({"name": "push", "restartCount": 0, "state": {"running": {}}}) == []
+    assert terminations(None) == []
+
+
+def test_a_failed_run_names_the_credentials_it_had():
+    used = hashlib.sha256(b"{}").hexdigest()
+    assert split_auth_note(f"Error: x\ndenied: no\n\nimagebot-auth: {used}\n") == ("Error: x\ndenied: no", used)
+    assert split_auth_note("Error: plain") == ("Error: plain", None)
+
+
+def test_pods_that_will_never_run_say_why():
+    pending = {"status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                          "message": "0/1 nodes are available: 1 node(s) didn't match node selector."}]}}
+    assert "didn't match node selector" in unschedulable(pending)
+    assert unschedulable({"status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}}) is None
+    stuck = {"status": {"initContainerStatuses": [
+        {"name": "build", "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}}}]}}
+    assert stuck_reason(stuck) == "build: ErrImageNeverPull: image not present"
+    assert stuck_reason({"status": {}}) is None
