@@ -320,11 +320,35 @@ def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespa
 # -- a worker restart adopts the Jobs in flight ----------------------------------------------------
 
 
-def test_kill_9_mid_build_then_restart_adopts_the_jobs(k8s, services, namespace, bot_kubeconfig, tmp_path):
+@pytest.fixture(scope="module")
+def app_key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def github(app_key):
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.e2e.test_reporting import APP_ID
+    from tests.standins.github import GitHubStandIn
+
+    public = app_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    with GitHubStandIn(app_id=APP_ID, public_key=public) as standin:
+        yield standin
+        standin.assert_no_violations()
+
+
+def test_kill_9_mid_build_then_restart_adopts_the_jobs_and_reports(
+        k8s, services, namespace, bot_kubeconfig, tmp_path, github, app_key):
+    """Served, with GitHub App reporting: a kill -9 mid-build, a restart that adopts the Jobs,
+    and the commit's statuses and check run carrying the per-platform telemetry."""
     import threading
 
-    from tests.e2e.test_reporting import deliver, push_payload
-    from tests.support import GITHUB_SECRET, BotProcess, free_port, wait_until
+    from tests.e2e.test_reporting import app_env, deliver, push_payload, statuses
+    from tests.support import BotProcess, free_port, wait_until
 
     files = {"Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nRUN sleep 4 && uname -m > /arch\n"}
     repo = make_repo(tmp_path / "srv", "acme/app", files)
@@ -343,9 +367,7 @@ def test_kill_9_mid_build_then_restart_adopts_the_jobs(k8s, services, namespace,
     url = f"http://127.0.0.1:{port}"
     with GitHTTPServer(tmp_path / "srv") as git:
         env = {
-            "IMAGEBOT_DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}",
-            "IMAGEBOT_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
-            "IMAGEBOT_LEASE_SECONDS": "2", "IMAGEBOT_POLL_SECONDS": "0.1", "IMAGEBOT_SHUTDOWN_GRACE_SECONDS": "0",
+            **app_env(tmp_path, app_key, github, f"sqlite:///{tmp_path / 'bot.db'}"),
             "IMAGEBOT_PLATFORMS": "linux/amd64,linux/arm64",
             "IMAGEBOT_REGISTRY": f"{services['IMAGEBOT_TEST_REGISTRY']}/kill{free_port()}",
             "IMAGEBOT_REGISTRY_USERNAME": services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
@@ -369,6 +391,10 @@ def test_kill_9_mid_build_then_restart_adopts_the_jobs(k8s, services, namespace,
             bot.wait_healthy(url)
             done = wait_until(lambda: (b := httpx.get(f"{url}/api/builds/{build_id}").json())["status"]
                               in ("succeeded", "failed") and b, timeout=300, what="the build to end")
+            run = wait_until(lambda: next((r for r in github.check_runs.values() if r["status"] == "completed"),
+                                          None), what="the completed check run")
+            pushed = {e["platform"]: e["data"]["digest"] for e in
+                      httpx.get(f"{url}/api/builds/{build_id}/events").json()["events"] if e["name"] == "push_succeeded"}
         finally:
             bot.stop()
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
@@ -386,3 +412,8 @@ def test_kill_9_mid_build_then_restart_adopts_the_jobs(k8s, services, namespace,
     finally:
         db.close()
     assert sum("adopting Job" in line for line in lines) == 2
+    assert [state for state, _ in statuses(github, repo.head())] == ["pending", "pending", "pending", "success"]
+    assert run["conclusion"] == "success" and len(github.check_runs) == 1
+    for platform in ("linux/amd64", "linux/arm64"):
+        row = next(line for line in run["output"]["summary"].splitlines() if line.startswith(f"| `{platform}`"))
+        assert pushed[platform] in row and "pushed" in row
