@@ -139,14 +139,19 @@ def delete_namespace(c: Cluster, name: str) -> None:
 
 
 def service_account_token(c: Cluster, namespace: str, name: str, timeout: float = 30.0) -> str:
-    """Create ServiceAccount ``name`` (no bindings: it may do nothing) and return its token.
+    """Create ServiceAccount ``name`` (no bindings: it may do nothing) and return its token."""
+    with c.client() as api:
+        expect(api.post(f"/api/v1/namespaces/{namespace}/serviceaccounts", json={"metadata": {"name": name}}), 201)
+    return wait_for_token(c, namespace, name, timeout)
+
+
+def wait_for_token(c: Cluster, namespace: str, name: str, timeout: float = 30.0) -> str:
+    """The token of an existing ServiceAccount.
 
     On 1.20 the controller-manager's token controller makes a ``kubernetes.io/service-account-token``
     Secret for every ServiceAccount; this waits for it.
     """
     with c.client() as api:
-        expect(api.post(f"/api/v1/namespaces/{namespace}/serviceaccounts", json={"metadata": {"name": name}}), 201)
-
         def token() -> str | None:
             secrets = expect(api.get(
                 f"/api/v1/namespaces/{namespace}/secrets",

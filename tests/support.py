@@ -161,3 +161,31 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- a GitHub App for the GitHub stand-in -------------------------------------------------------
+
+
+def app_key():
+    """A fresh RSA key for a test GitHub App (module-scoped fixtures make one per module)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def private_pem(key) -> str:
+    """The App's private key as the bot reads it (IMAGEBOT_GITHUB_PRIVATE_KEY)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def github_app_standin(key, app_id: int, **kwargs: Any):
+    """The GitHub stand-in accepting JWTs of the App ``app_id`` signed with ``key``."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.standins.github import GitHubStandIn
+
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return GitHubStandIn(app_id=app_id, public_key=public, **kwargs)

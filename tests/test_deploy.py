@@ -18,7 +18,6 @@ Nothing sleeps to synchronise: every wait polls a condition with a deadline.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import pytest
 import yaml
 
 from bot.settings import Settings, load_settings
-from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, poll
+from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, poll, wait_for_token
 
 # The first test may start (or, on a fresh machine, build) the cluster; the tests themselves
 # take a few seconds.
@@ -127,23 +126,6 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     return load_settings()
-
-
-def wait_for_token(k8s: Cluster, namespace: str, name: str, timeout: float = 30.0) -> str:
-    """The token of an existing ServiceAccount, once the token controller has made its Secret."""
-    with k8s.client() as api:
-        def token() -> str | None:
-            secrets = expect(api.get(
-                f"/api/v1/namespaces/{namespace}/secrets",
-                params={"fieldSelector": "type=kubernetes.io/service-account-token"},
-            ))
-            for secret in secrets["items"]:
-                annotations = secret["metadata"].get("annotations", {})
-                if annotations.get("kubernetes.io/service-account.name") == name and secret.get("data", {}).get("token"):
-                    return base64.b64decode(secret["data"]["token"]).decode()
-            return None
-
-        return poll(token, timeout, f"the token of ServiceAccount {namespace}/{name}")
 
 
 def apply_deploy_rbac(k8s: Cluster, bot_namespace: str, build_namespace: str) -> str:

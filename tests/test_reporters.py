@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bot.models import BuildStatus
 from bot.reporters.commit_status import commit_status
 from bot.reporters.errors import ReportError as GitHubError
 from bot.reporters.errors import classify
 from bot.reporters.github import GitHubClient
-from tests.standins.github import GitHubStandIn
-from tests.support import make_settings
+from tests.support import app_key, github_app_standin, make_settings, private_pem
 
 TOKEN = "ghp_reporter-test-token"
 APP_ID = 424242
@@ -84,14 +81,13 @@ def test_classify(status, headers, kind, retry_after):
 
 
 @pytest.fixture(scope="module")
-def key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def key():
+    return app_key()
 
 
 @pytest.fixture(scope="module")
 def running(key):
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    with GitHubStandIn(tokens={TOKEN}, app_id=APP_ID, public_key=public) as standin:
+    with github_app_standin(key, APP_ID, tokens={TOKEN}) as standin:
         yield standin
 
 
@@ -100,11 +96,6 @@ def github(running):
     running.reset()
     yield running
     running.assert_no_violations()
-
-
-def pem(key) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
 
 
 def post(client: GitHubClient, state=BuildStatus.queued, installation_id=None):
@@ -131,7 +122,7 @@ def test_token_mode_posts_a_valid_status(github):
 
 
 def test_app_mode_caches_the_installation_token(github, key):
-    settings = make_settings(github_api_url=github.url, github_app_id=APP_ID, github_private_key=pem(key))
+    settings = make_settings(github_api_url=github.url, github_app_id=APP_ID, github_private_key=private_pem(key))
 
     async def go():
         client = GitHubClient(settings)
@@ -148,7 +139,7 @@ def test_app_mode_caches_the_installation_token(github, key):
 
 
 def test_app_mode_refetches_a_refused_token(github, key):
-    settings = make_settings(github_api_url=github.url, github_app_id=APP_ID, github_private_key=pem(key))
+    settings = make_settings(github_api_url=github.url, github_app_id=APP_ID, github_private_key=private_pem(key))
 
     async def go():
         client = GitHubClient(settings)

@@ -10,8 +10,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
 from bot import queue
@@ -20,9 +18,8 @@ from bot.reporters import outbox
 from bot.reporters.sender import Pace, Sender
 from bot.telemetry import Telemetry
 from bot.worker import BuildOutcome, _claim_up_to, _finish
-from tests.standins.github import GitHubStandIn
 from tests.standins.gitlab import GitLabStandIn
-from tests.support import make_settings
+from tests.support import app_key, github_app_standin, make_settings, private_pem
 
 APP_ID = 31337
 INSTALLATION = 42
@@ -33,14 +30,13 @@ DIGEST = {"linux/amd64": "sha256:" + "1" * 64, "linux/arm64": "sha256:" + "2" * 
 
 
 @pytest.fixture(scope="module")
-def key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def key():
+    return app_key()
 
 
 @pytest.fixture(scope="module")
 def github_running(key):
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    with GitHubStandIn(tokens={TOKEN}, app_id=APP_ID, public_key=public) as standin:
+    with github_app_standin(key, APP_ID, tokens={TOKEN}) as standin:
         yield standin
 
 
@@ -64,18 +60,13 @@ def gitlab(gitlab_running):
     gitlab_running.assert_no_violations()
 
 
-def pem(key) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
-
-
 FAST = dict(report_retry_initial_seconds=0.02, report_retry_max_seconds=0.1, report_interval_seconds=0,
             poll_seconds=0.05, public_url="https://ci.example")
 
 
 def app_settings(db, github, key, **kw):
     return make_settings(db.url, github_api_url=github.url, github_app_id=APP_ID,
-                         github_private_key=pem(key), **{**FAST, **kw})
+                         github_private_key=private_pem(key), **{**FAST, **kw})
 
 
 # -- driving builds through the real transactions ---------------------------------------------------

@@ -17,8 +17,9 @@ from bot import telemetry
 from bot.runtimes.kubernetes import REGISTRY_SECRET
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
-from tests.test_pipeline_run import (
+from tests.test_pipeline_run import (  # noqa: F401 - database is a fixture
     PLATFORMS,
+    database,
     events,
     new_build,
     registry_get,
@@ -57,19 +58,6 @@ def bot_kubeconfig(k8s: Cluster, namespace: str, tmp_path: Path) -> Iterator[Pat
     token = apply_deploy_rbac(k8s, bot_namespace, namespace)
     yield kubeconfig_for(k8s, token, tmp_path / "bot.kubeconfig")
     delete_namespace(k8s, bot_namespace)
-
-
-@pytest.fixture
-def database(sqlite_template, tmp_path):
-    import shutil
-
-    from bot.db import Database
-
-    path = tmp_path / "k.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite:///{path}")
-    yield db
-    db.close()
 
 
 def k8s_settings(k8s: Cluster, services, database, namespace: str, kubeconfig: Path, **overrides):
@@ -321,28 +309,24 @@ def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespa
 
 
 @pytest.fixture(scope="module")
-def app_key():
-    from cryptography.hazmat.primitives.asymmetric import rsa
+def key():
+    from tests.support import app_key
 
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return app_key()
 
 
 @pytest.fixture
-def github(app_key):
-    from cryptography.hazmat.primitives import serialization
-
+def github(key):
     from tests.e2e.test_reporting import APP_ID
-    from tests.standins.github import GitHubStandIn
+    from tests.support import github_app_standin
 
-    public = app_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    with GitHubStandIn(app_id=APP_ID, public_key=public) as standin:
+    with github_app_standin(key, APP_ID) as standin:
         yield standin
         standin.assert_no_violations()
 
 
 def test_kill_9_mid_build_then_restart_adopts_the_jobs_and_reports(
-        k8s, services, namespace, bot_kubeconfig, tmp_path, github, app_key):
+        k8s, services, namespace, bot_kubeconfig, tmp_path, github, key):
     """Served, with GitHub App reporting: a kill -9 mid-build, a restart that adopts the Jobs,
     and the commit's statuses and check run carrying the per-platform telemetry."""
     import threading
@@ -367,7 +351,7 @@ def test_kill_9_mid_build_then_restart_adopts_the_jobs_and_reports(
     url = f"http://127.0.0.1:{port}"
     with GitHTTPServer(tmp_path / "srv") as git:
         env = {
-            **app_env(tmp_path, app_key, github, f"sqlite:///{tmp_path / 'bot.db'}"),
+            **app_env(tmp_path, key, github, f"sqlite:///{tmp_path / 'bot.db'}"),
             "IMAGEBOT_PLATFORMS": "linux/amd64,linux/arm64",
             "IMAGEBOT_REGISTRY": f"{services['IMAGEBOT_TEST_REGISTRY']}/kill{free_port()}",
             "IMAGEBOT_REGISTRY_USERNAME": services["IMAGEBOT_TEST_REGISTRY_USERNAME"],

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.standins.git_http import GitHTTPServer, make_repo
-from tests.standins.github import GitHubStandIn
 from tests.support import (
     GITHUB_SECRET,
     BotProcess,
+    app_key,
     free_port,
     github_headers,
+    github_app_standin,
     github_payload,
     infra,
+    private_pem,
     wait_until,
 )
 
@@ -33,22 +33,20 @@ INSTALLATION = 777
 
 
 @pytest.fixture(scope="module")
-def key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def key():
+    return app_key()
 
 
 @pytest.fixture
 def github(key):
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    with GitHubStandIn(app_id=APP_ID, public_key=public) as standin:
+    with github_app_standin(key, APP_ID) as standin:
         yield standin
         standin.assert_no_violations()
 
 
 def app_env(tmp_path: Path, key, github, db_url: str, **extra: str) -> dict[str, str]:
     key_file = tmp_path / "app.pem"
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_text(private_pem(key))
     return {
         "IMAGEBOT_DATABASE_URL": db_url,
         "IMAGEBOT_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
@@ -140,8 +138,7 @@ def test_a_real_two_platform_build_is_reported_and_no_secret_leaks(tmp_path, git
         "webhook secret": GITHUB_SECRET,
         "build arg": build_arg,
         "registry password": services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
-        "private key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()).decode().splitlines()[1],
+        "private key": private_pem(key).splitlines()[1],
         **{f"installation token {n}": t for n, t in enumerate(github.installation_tokens)},
     }
     reported = json.dumps([r.json for r in github.requests])
