@@ -94,3 +94,14 @@ def test_the_summary_and_log_fit_githubs_limit():
 def test_no_log_no_text():
     assert log_text([]) is None
     assert "text" not in check_run_body(facts(), "running", "Building", [], [], "u")["output"]
+
+
+def test_only_the_last_attempt_counts():
+    first = [event("build_started", attempt=1),
+             event("push_retry", "linux/amd64", tag="t", attempt=1, delay_s=0.1, kind="network", refreshed=False,
+                   detail="reset")]
+    second = [event("build_started", attempt=2),
+              event("push_succeeded", "linux/amd64", duration_s=1.0, tag="t", digest="sha256:" + "4" * 64,
+                    size=10, attempts=1, retries=0)]
+    result = summarize(first + second, P).platforms["linux/amd64"]
+    assert (result.retry_kinds, result.push_attempts, result.state) == ([], 1, "pushed")
