@@ -1,10 +1,11 @@
 """Pipeline benchmark driver (run through bench/pipeline/run.sh; cwd = repo root).
 
 The same two-platform build + push + manifest list, through ``imagebot build`` (the CLI),
-through ``imagebot serve`` (a signed GitHub push webhook, then polling ``/api/builds/{id}``)
-and through bench/pipeline/plain.sh (the docker CLI, every step in sequence), alternated in one
-run: script cold, CLI cold, serve cold, script warm, CLI warm, serve warm; repeated ``--reps``
-times.
+through ``imagebot serve`` (a signed GitHub push webhook, then polling ``/api/builds/{id}``),
+through ``imagebot build`` with the Kubernetes runtime ("kube", below) and through
+bench/pipeline/plain.sh (the docker CLI, every step in sequence), alternated in one run: script,
+CLI, serve, kube cold, then the same four warm; repeated ``--reps`` times (``--contestants``
+picks a subset).
 
 * One ``imagebot serve`` process serves the whole run (started before the first rep, stopped
   after the last; its start-up is in no build's time). A served build's wall time runs from
@@ -27,6 +28,16 @@ times.
   or does not verify is reported and left out of the medians.
 * The engine's build cache is checked from the build output: a cold run must have no "Using
   cache" step and must download the base layers.
+
+* The fourth contestant, ``imagebot build`` with ``IMAGEBOT_RUNTIME=kubernetes`` ("kube"), runs
+  the CLI against the single-node cluster of ``scripts/k8s`` (one namespace per bench run,
+  deleted at the end): each platform is a Job whose pod fetches the commit with git and builds
+  with buildah (vfs, chroot isolation), then pushes. Such a pod starts with no layer cache, so
+  its "cold" and "warm" runs do the same build; they differ in the push (warm: the base layers
+  are already in the namespace's repository) and in the commit (one line of a COPY'd file).
+  Both must show no cache hit and a base pull. While it runs, a watcher follows the namespace's
+  pods (watch events, with the time each arrived) and each pod's build log with the container
+  runtime's own timestamps, for the breakdown.
 """
 
 from __future__ import annotations
@@ -65,9 +76,10 @@ PLATFORMS = ["linux/amd64", "linux/arm64"]
 MT_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 MT_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 SHARED_BASE = "base/busybox"  # scripts/infra base-image, on the test registry
-CONTESTANTS = ("plain", "imagebot", "serve")  # the order of the runs in each case
-LABELS = {"plain": "plain", "imagebot": "imagebot CLI", "serve": "imagebot serve"}
-NS_LETTER = {"plain": "p", "imagebot": "i", "serve": "s"}
+CONTESTANTS = ("plain", "imagebot", "serve", "kube")  # the order of the runs in each case
+LABELS = {"plain": "plain", "imagebot": "imagebot CLI", "serve": "imagebot serve", "kube": "imagebot CLI k8s"}
+NS_LETTER = {"plain": "p", "imagebot": "i", "serve": "s", "kube": "k"}
+MT_OCI = "application/vnd.oci.image.manifest.v1+json"  # what buildah pushes
 #: A recorded GitHub push delivery; the fields a build depends on are overridden per build.
 PUSH_PAYLOAD = ROOT / "tests/data/webhooks/github/push.payload.4.json"
 POLL_S = 0.025  # how often a served build's status is polled
@@ -208,7 +220,7 @@ class Registry:
             raise AssertionError(f"{repository}:{tag} lists {sorted(seen)}, not {PLATFORMS}")
         ids = []
         for platform, digest in seen.items():
-            _, manifest = self.get(f"{repository}/manifests/{digest}", MT_V2)
+            _, manifest = self.get(f"{repository}/manifests/{digest}", f"{MT_V2}, {MT_OCI}")
             config_digest = json.loads(manifest)["config"]["digest"]
             _, config = self.get(f"{repository}/blobs/{config_digest}")
             config = json.loads(config)
@@ -239,6 +251,174 @@ def cache_stats(lines: list[str]) -> dict[str, int]:
 def utc(ts: str) -> float:
     """A telemetry ``ts`` (naive UTC) as epoch seconds."""
     return datetime.fromisoformat(ts).replace(tzinfo=timezone.utc).timestamp()
+
+
+def iso(ts: str) -> float:
+    """An RFC 3339 time from Kubernetes (``...Z``, up to nanoseconds) as epoch seconds."""
+    ts = ts.rstrip("Z")
+    whole, _, frac = ts.partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp() + float(f"0.{frac or 0}")
+
+
+def kube_phases(lines: list[tuple[float, str]]) -> dict[str, float]:
+    """Inside one pod's build step (buildah bud, stamped by the container runtime): from the
+    first line ("fetched", after git) the FROM + pull, the heavy RUN, COPY .. CMD, the commit."""
+    marks: dict[str, float] = {}
+    for ts, text in lines:
+        text = text.strip()
+        for key, prefix in (("s1", "STEP 1/"), ("s3", "STEP 3/"), ("s4", "STEP 4/"), ("commit", "COMMIT")):
+            if text.startswith(prefix):
+                marks.setdefault(key, ts)
+    if len(marks) < 4 or not lines:
+        return {}
+    return {"FROM + pull": marks["s3"] - marks["s1"], "heavy RUN": marks["s4"] - marks["s3"],
+            "COPY .. LABEL": marks["commit"] - marks["s4"], "commit (vfs)": lines[-1][0] - marks["commit"],
+            "fetched": lines[0][0], "last line": lines[-1][0], "fetch to FROM": marks["s1"] - lines[0][0]}
+
+
+def kube_stats(lines: list[tuple[str, str]]) -> dict[str, int]:
+    """(platform, line) of a kube build's log: cache hits, base layers copied during FROM."""
+    pulled, in_from = 0, {}
+    for platform, line in lines:
+        text = line.strip()
+        if text.startswith("STEP "):
+            in_from[platform] = text.startswith("STEP 1/")
+        elif in_from.get(platform) and text.startswith("Copying blob") and "skipped" not in text:
+            pulled += 1
+    return {"cache_hits": sum(1 for _, line in lines if "Using cache" in line), "pulled": pulled}
+
+
+class Kube:
+    """The scripts/k8s cluster as admin (its env file's server, CA and token), over httpx."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import ssl
+
+        import httpx
+
+        self.httpx = httpx
+        self.server = env["IMAGEBOT_TEST_K8S_SERVER"]
+        self.kubeconfig = env["IMAGEBOT_TEST_K8S_KUBECONFIG"]
+        self.builder_image = env["IMAGEBOT_TEST_K8S_BUILDER_IMAGE"]
+        self.ssl = ssl.create_default_context(cafile=env["IMAGEBOT_TEST_K8S_CA"])
+        self.headers = {"Authorization": f"Bearer {env['IMAGEBOT_TEST_K8S_TOKEN']}"}
+
+    def client(self, timeout: float = 30.0):
+        return self.httpx.Client(base_url=self.server, verify=self.ssl, headers=self.headers, timeout=timeout)
+
+    def create_namespace(self, name: str) -> None:
+        with self.client() as api:
+            r = api.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+            if r.status_code != 201:
+                raise RuntimeError(f"creating namespace {name}: {r.status_code} {r.text[:300]}")
+            deadline = time.monotonic() + 60  # a pod is refused until the default SA exists
+            while api.get(f"/api/v1/namespaces/{name}/serviceaccounts/default").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no ServiceAccount {name}/default after 60 s")
+                time.sleep(0.1)
+
+    def delete_jobs(self, namespace: str) -> None:
+        with self.client() as api:
+            api.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs",
+                        params={"propagationPolicy": "Background", "gracePeriodSeconds": "0"})
+
+    def delete_namespace(self, name: str) -> None:
+        with self.client() as api:
+            api.delete(f"/api/v1/namespaces/{name}")
+
+
+class PodWatch:
+    """Follows a namespace's pods during one run: every watch event (the time it arrived and the
+    containers' states), and each pod's ``build`` log with the container runtime's timestamps
+    (``?timestamps=true``: the time each line was written, not read)."""
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.events: list[tuple[float, str, dict]] = []
+        self.logs: dict[str, list[tuple[float, str]]] = {}
+        self.platform: dict[str, str] = {}  # pod name -> platform slug (linux-amd64)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        with kube.client() as api:
+            self._rv = api.get(f"/api/v1/namespaces/{namespace}/pods").json()["metadata"]["resourceVersion"]
+
+    def __enter__(self) -> "PodWatch":
+        t = threading.Thread(target=self._watch, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in list(self._threads):
+            t.join(timeout=5)
+
+    def _watch(self) -> None:
+        path = f"/api/v1/namespaces/{self.namespace}/pods"
+        while not self._stop.is_set():
+            try:
+                with self.kube.client(timeout=1.0) as api, api.stream(
+                        "GET", path, params={"watch": "1", "resourceVersion": self._rv}) as resp:
+                    for line in resp.iter_lines():
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        pod = event["object"]
+                        if event["type"] == "ERROR":  # e.g. 410 Gone: start from now
+                            self._rv = ""
+                            break
+                        self._rv = pod["metadata"]["resourceVersion"]
+                        self._seen(time.time(), event["type"], pod)
+                        if self._stop.is_set():
+                            return
+            except self.kube.httpx.ReadTimeout:
+                continue  # no event for 1 s: look at the stop flag, then watch on from _rv
+            except (self.kube.httpx.HTTPError, ValueError, KeyError) as exc:
+                say(f"pod watch: {type(exc).__name__}: {exc}")
+                time.sleep(0.2)
+
+    def _seen(self, now: float, kind: str, pod: dict) -> None:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        brief = {"name": name, "node": (pod.get("spec") or {}).get("nodeName"), "phase": status.get("phase"),
+                 "deleting": bool(pod["metadata"].get("deletionTimestamp")), "created": pod["metadata"]["creationTimestamp"]}
+        for key in ("initContainerStatuses", "containerStatuses"):
+            for c in status.get(key) or []:
+                brief[c["name"]] = {"state": c.get("state") or {}, "restarts": c.get("restartCount", 0)}
+        self.events.append((now, kind, brief))
+        self.platform.setdefault(name, (pod["metadata"].get("labels") or {}).get("imagebot.dev/platform", "?"))
+        build = (brief.get("build") or {}).get("state") or {}
+        if name not in self.logs and ("running" in build or "terminated" in build):
+            self.logs[name] = []
+            t = threading.Thread(target=self._log, args=(name,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _log(self, name: str) -> None:
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{name}/log"
+        try:
+            with self.kube.client(timeout=None) as api, api.stream(
+                    "GET", path, params={"container": "build", "follow": "true", "timestamps": "true"}) as resp:
+                for line in resp.iter_lines():
+                    stamp, _, text = line.partition(" ")
+                    try:
+                        self.logs[name].append((iso(stamp), text))
+                    except ValueError:
+                        continue
+        except self.kube.httpx.HTTPError as exc:
+            say(f"log of pod {name}: {type(exc).__name__}: {exc}")
+
+    def first(self, slug: str, test) -> float | None:
+        """When an event about the platform's pod first satisfied ``test`` (None: never seen)."""
+        for now, kind, brief in self.events:
+            if self.platform.get(brief["name"]) == slug and test(kind, brief):
+                return now
+        return None
+
+    def last_state(self, slug: str, container: str) -> dict:
+        states = [b.get(container, {}).get("state") for _, _, b in self.events
+                  if self.platform.get(b["name"]) == slug and b.get(container)]
+        return states[-1] if states else {}
 
 
 # --------------------------------------------------------------------------- the bench
@@ -283,6 +463,10 @@ class Bench:
         self.serve_proc: subprocess.Popen | None = None
         self.serve_port = 0
         self.serve_starts = 0
+        self.contestants = [who for who in CONTESTANTS if who in args.contestants.split(",")]
+        self.kube = Kube(env) if "kube" in self.contestants else None
+        self.kube_ns = f"imagebot-bench-{self.run_id}"
+        self.watches: dict[tuple[int, str], dict] = {}  # (rep, case) -> the kube run's pod events
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -431,6 +615,80 @@ class Bench:
         run.steps["start-up"] = first[("build_started", None)][0] - launched
         self.pipeline_steps(run, first)
         run.steps["exit"] = ended - first[("build_succeeded", None)][0]
+
+    def kube_env(self, namespace: str) -> dict[str, str]:
+        """The CLI's environment plus the Kubernetes runtime's settings (those of the tests'
+        ``k8s_settings``), as admin: this is a benchmark, not the least-privilege test."""
+        assert self.kube is not None
+        env = self.bot_env(namespace)
+        env.update({
+            "IMAGEBOT_RUNTIME": "kubernetes",
+            "IMAGEBOT_K8S_NAMESPACE": self.kube_ns,
+            "IMAGEBOT_K8S_KUBECONFIG": self.kube.kubeconfig,
+            "IMAGEBOT_K8S_BUILDER_IMAGE": self.kube.builder_image,
+            "IMAGEBOT_K8S_IMAGE_PULL_POLICY": "Never",
+            "IMAGEBOT_K8S_HOST_NETWORK": "true",
+            "IMAGEBOT_K8S_REGISTRY_TLS_VERIFY": "false",
+            "IMAGEBOT_K8S_POLL_SECONDS": "0.2",
+        })
+        return env
+
+    def kube_run(self, run: Run, url: str) -> None:
+        """``imagebot build`` with the Kubernetes runtime, its pods watched meanwhile."""
+        assert self.kube is not None
+        log = self.work / f"kube-{run.rep}-{run.case}.log"
+        with PodWatch(self.kube, self.kube_ns) as watch:
+            launched = time.time()
+            rc, run.wall = run_bounded(
+                [str(ROOT / ".venv/bin/imagebot"), "build", url, run.sha, "--platform", ",".join(PLATFORMS)],
+                timeout=self.args.timeout, env=self.kube_env(run.namespace), cwd=self.work, log=log)
+            ended = launched + run.wall
+        (self.work / f"kube-{run.rep}-{run.case}-pods.json").write_text(json.dumps(
+            {"events": watch.events, "logs": watch.logs, "platform": watch.platform}, indent=1))
+        if rc != 0:
+            self.kube.delete_jobs(self.kube_ns)  # a killed CLI leaves its Jobs running
+        out = "\n".join(text for _, text in read_log(log))
+        match = re.search(r"^build (\d+): ", out, re.M)
+        if not match:
+            run.error = f"exit {rc}, no build id: {out[-300:]}"
+            return
+        build_id = int(match.group(1))
+        first = self.telemetry(run, self.db, build_id)
+        conn = sqlite3.connect(self.db)
+        try:
+            logged = list(conn.execute("SELECT platform, line FROM build_logs WHERE build_id = ? ORDER BY id",
+                                       (build_id,)))
+        finally:
+            conn.close()
+        run.stats = kube_stats(logged)
+        run.phases = {}
+        if rc != 0:
+            run.error = f"exit {rc}: {' / '.join(out.strip().splitlines()[-2:])}"
+            return
+        run.steps["start-up"] = first[("build_started", None)][0] - launched
+        self.pipeline_steps(run, first)
+        run.steps["exit"] = ended - first[("build_succeeded", None)][0]
+        for p in PLATFORMS:
+            slug = p.replace("/", "-")
+            pods = [name for name, s in watch.platform.items() if s == slug]
+            lines = sorted((line for name in pods for line in watch.logs.get(name, [])), key=lambda x: x[0])
+            started = first[("build_platform_started", p)][0]
+            created = watch.first(slug, lambda kind, b: kind == "ADDED")
+            if created is not None:
+                run.phases[f"Job -> pod created {p}"] = created - started
+            ph = kube_phases(lines)
+            if not ph:
+                continue
+            if created is not None:
+                run.phases[f"pod created -> fetched {p}"] = ph["fetched"] - created
+            for k in ("fetch to FROM", "FROM + pull", "heavy RUN", "COPY .. LABEL", "commit (vfs)"):
+                run.phases[f"{k} {p}"] = ph[k]
+            run.phases[f"build ended -> seen {p}"] = first[("build_platform_succeeded", p)][0] - ph["last line"]
+            push = watch.last_state(slug, "push").get("terminated") or {}
+            if push.get("startedAt") and push.get("finishedAt"):
+                run.phases[f"push container (1 s res.) {p}"] = iso(push["finishedAt"]) - iso(push["startedAt"])
+        run.steps["release (after last push)"] = first[("manifest_started", None)][0] - max(
+            first[("push_succeeded", p)][0] for p in PLATFORMS)
 
     @staticmethod
     def telemetry(run: Run, db: Path, build_id: int) -> dict[tuple[str, str | None], tuple[float, dict]]:
@@ -606,13 +864,16 @@ class Bench:
         run = Run(rep, case, who, namespace, sha, load=os.getloadavg()[0])
         say(f"rep {rep} {case:4} {LABELS[who]:14} building {sha[:7]} into {namespace} ...")
         try:
-            {"plain": self.plain, "imagebot": self.imagebot, "serve": self.serve}[who](run, url)
+            {"plain": self.plain, "imagebot": self.imagebot, "serve": self.serve, "kube": self.kube_run}[who](run, url)
             if not run.error:
                 for tag in (f"sha-{sha[:7]}", "main", "latest"):
                     self.registry.verify(f"{namespace}/acme/app", tag, sha)
-                if case == "cold" and (run.stats["cache_hits"] or not run.stats["pulled"]):
+                if who == "kube":  # a fresh pod has no layer cache: both cases pull and build all
+                    if run.stats["cache_hits"] or run.stats["pulled"] < len(PLATFORMS):
+                        raise AssertionError(f"not a from-scratch buildah build: {run.stats}")
+                elif case == "cold" and (run.stats["cache_hits"] or not run.stats["pulled"]):
                     raise AssertionError(f"not cold: {run.stats}")
-                if case == "warm" and run.stats["cache_hits"] < 2 * len(PLATFORMS):  # ARG + heavy RUN
+                elif case == "warm" and run.stats["cache_hits"] < 2 * len(PLATFORMS):  # ARG + heavy RUN
                     raise AssertionError(f"not warm: {run.stats}")
                 run.ok = True
         except (AssertionError, urllib.error.URLError, KeyError, ValueError, OSError) as exc:
@@ -629,7 +890,11 @@ class Bench:
             self.db_upgrade()
             repo = make_repo(self.work / "git", "acme/app",
                              fixture_files(self.base_ref, self.args.work_mb, self.args.rounds))
-            self.start_serve()
+            if "serve" in self.contestants:
+                self.start_serve()
+            if self.kube is not None:
+                self.kube.create_namespace(self.kube_ns)
+                say(f"Kubernetes namespace {self.kube_ns}, builder {self.kube.builder_image}")
             with GitHTTPServer(self.work / "git") as git:
                 url = git.repo_url("acme/app")
                 say(f"git repo {url}")
@@ -643,10 +908,12 @@ class Bench:
                     # serve's cold commit: the same tree plus its .imagebot.yml
                     cold_of = {"plain": cold, "imagebot": cold,
                                "serve": repo.commit(own["serve"], f"rep {rep} serve")}
-                    for who in CONTESTANTS:
-                        self.purge()
+                    cold_of["kube"] = cold
+                    for who in self.contestants:
+                        if who != "kube":  # the pods never use the engine; a purge would only
+                            self.purge()   # take the warm cache from the Docker runs after it
                         self.one(rep, "cold", who, url, cold_of[who], ns[who])
-                    for who in CONTESTANTS:
+                    for who in self.contestants:
                         warm = repo.commit({"app/version.txt": f"{rep}.0.1-{who}\n", **own[who]}, f"rep {rep} {who}")
                         self.one(rep, "warm", who, url, warm, ns[who])
         except BaseException:
@@ -657,6 +924,11 @@ class Bench:
                 self.stop_serve()
             except Exception as exc:  # noqa: BLE001 - report, keep cleaning up
                 say(f"stopping imagebot serve: {exc}")
+            if self.kube is not None:
+                try:
+                    self.kube.delete_namespace(self.kube_ns)
+                except Exception as exc:  # noqa: BLE001 - report, keep cleaning up
+                    say(f"deleting namespace {self.kube_ns}: {exc}")
             try:
                 self.purge()
                 for ref in set(self.digest_refs()) - self.preexisting:  # what make_base pulled by digest
@@ -699,6 +971,21 @@ class Bench:
             ratio_b = f"{b / p:.2f}" if p and b else "-"
             ratio_v = f"{v / p:.2f}" if p and v else "-"
             print(f"| {case} | {fmt(p)} | {fmt(b)} | {fmt(v)} | {ratio_b} | {ratio_v} | {ok}/{total} |")
+        if "kube" in self.contestants:
+            print("\n| case | imagebot CLI, Docker runtime s | imagebot CLI, Kubernetes runtime s | overhead s "
+                  "| k8s/docker | k8s/plain |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: |")
+            for case in ("cold", "warm"):
+                p, b, k = med("plain", case), med("imagebot", case), med("kube", case)
+                print(f"| {case} | {fmt(b)} | {fmt(k)} | {fmt(k - b) if k and b else '-'} | "
+                      f"{f'{k / b:.2f}' if k and b else '-'} | {f'{k / p:.2f}' if k and p else '-'} |")
+            print("\n| rep | case | Docker runtime s | Kubernetes runtime s | overhead s | k8s/docker |")
+            print("| ---: | --- | ---: | ---: | ---: | ---: |")
+            for r in self.runs:
+                d = next((x for x in self.runs if x.rep == r.rep and x.case == r.case and x.who == "imagebot"), None)
+                if r.who == "kube" and r.ok and d is not None and d.ok:
+                    print(f"| {r.rep} | {r.case} | {d.wall:.2f} | {r.wall:.2f} | {r.wall - d.wall:.2f} "
+                          f"| {r.wall / d.wall:.2f} |")
         mixed = [r for r in self.runs if r.stats.get("mixups")]
         print("\ntarget: imagebot <= 0.8x the script")
         if self.serve_starts > 1:
@@ -720,9 +1007,12 @@ class Bench:
 
         rows = ["start-up", "webhook answered", "queue pickup", "login", "fetch", "config + plan"]
         for p in PLATFORMS:
-            rows += [f"build {p}", f"FROM + pull {p}", f"heavy RUN {p}", f"COPY .. LABEL {p}", f"tag {p}", f"push {p}"]
-        rows += ["platforms critical path", "manifest", "pipeline", "exit", "status seen", "between steps"]
-        cols = [(who, case) for case in ("cold", "warm") for who in CONTESTANTS]
+            rows += [f"build {p}", f"Job -> pod created {p}", f"pod created -> fetched {p}", f"fetch to FROM {p}",
+                     f"FROM + pull {p}", f"heavy RUN {p}", f"COPY .. LABEL {p}", f"commit (vfs) {p}",
+                     f"build ended -> seen {p}", f"tag {p}", f"push {p}", f"push container (1 s res.) {p}"]
+        rows += ["platforms critical path", "release (after last push)", "manifest", "pipeline", "exit",
+                 "status seen", "between steps"]
+        cols = [(who, case) for case in ("cold", "warm") for who in self.contestants]
 
         def cell(who: str, case: str, row: str) -> str:
             vals = [(r.steps | r.phases)[row] for r in self.runs
@@ -732,7 +1022,11 @@ class Bench:
         print("\n| where the time goes (median s) | " + " | ".join(f"{LABELS[w]} {c}" for w, c in cols) + " |")
         print("| --- |" + " ---: |" * len(cols))
         for row in rows:
-            label = f"&nbsp;&nbsp;{row}" if row.split(" linux/")[0] in ("FROM + pull", "heavy RUN", "COPY .. LABEL") else row
+            label = f"&nbsp;&nbsp;{row}" if row.split(" linux/")[0] in (
+                "FROM + pull", "heavy RUN", "COPY .. LABEL", "Job -> pod created", "pod created -> fetched",
+                "fetch to FROM", "commit (vfs)", "build ended -> seen") else row
+            if all(cell(w, c, row) == "-" for w, c in cols):
+                continue
             print(f"| {label} | " + " | ".join(cell(w, c, row) for w, c in cols) + " |")
         print("| **wall** | " + " | ".join(f"**{fmt(med(w, c))}**" for w, c in cols) + " |")
 
@@ -743,12 +1037,14 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of the 6 runs (default 3)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the 8 runs (default 3)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per contestant run (default 900)")
     parser.add_argument("--base-mb", type=int, default=24, help="random payload per arch in the base image")
     parser.add_argument("--work-mb", type=int, default=16, help="size of the file the heavy RUN makes")
     parser.add_argument("--rounds", type=int, default=6, help="gzip|sha256sum passes over it in the RUN")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, repo, DB) after success")
+    parser.add_argument("--contestants", default=",".join(CONTESTANTS),
+                        help=f"which to run, comma-separated (default {','.join(CONTESTANTS)})")
     args = parser.parse_args()
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the running contestant is killed and the engine purged
     for signum in (signal.SIGTERM, signal.SIGHUP):
