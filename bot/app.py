@@ -20,6 +20,7 @@ from bot.settings import Settings
 from bot.webhooks import github, gitlab
 from bot.webhooks.ingress import WebhookError
 from bot.pipeline.run import Pipeline, runner_for
+from bot.reporters import outbox
 from bot.reporters.sender import Sender
 from bot.telemetry import Telemetry
 from bot.worker import RunBuild, Worker
@@ -62,7 +63,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         database = db or Database(settings.database_url.get_secret_value())
         app.state.db = database
-        app.state.telemetry = Telemetry(database)
+        app.state.telemetry = Telemetry(database, progress_to=outbox.progress_to(settings))
         runner = run_build or runner_for(settings, app.state.telemetry)
         worker = Worker(database, settings, runner, bus=app.state.telemetry.bus) if run_worker else None
         sender = Sender(database, settings, bus=app.state.telemetry.bus)

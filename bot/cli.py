@@ -91,6 +91,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def _worker(settings: Settings) -> None:
     from bot.pipeline.run import Pipeline, runner_for
+    from bot.reporters.outbox import progress_to
     from bot.reporters.sender import Sender
     from bot.telemetry import Telemetry
     from bot.worker import Worker
@@ -99,7 +100,7 @@ def _worker(settings: Settings) -> None:
 
     async def run() -> None:
         database = dbmod.Database(settings.database_url.get_secret_value())
-        telemetry = Telemetry(database)
+        telemetry = Telemetry(database, progress_to=progress_to(settings))
         runner = runner_for(settings, telemetry)
         worker = Worker(database, settings, runner, bus=telemetry.bus)
         sender = Sender(database, settings, bus=telemetry.bus)

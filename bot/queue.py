@@ -103,6 +103,8 @@ class Incoming:
     decision: Decision
     platforms: list[str]
     received_at: datetime
+    #: The bot reports to this delivery's forge: its build changes owe reports (bot.reporters.outbox).
+    reported: bool = True
 
 
 _EARLIER_DELIVERIES = select(
@@ -152,9 +154,10 @@ def record_delivery(
     decision: Decision,
     platforms: list[str],
     now: datetime,
+    reported: bool = True,
 ) -> Recorded:
     """Store one delivery and what it causes, unless it was delivered before."""
-    return record_deliveries(conn, [Incoming(delivery, decision, platforms, now)])[0]
+    return record_deliveries(conn, [Incoming(delivery, decision, platforms, now, reported)])[0]
 
 
 def record_deliveries(conn: Connection, batch: list[Incoming]) -> list[Recorded]:
@@ -243,6 +246,7 @@ def _apply_in_order(
     owed: list[tuple[int, str]] = []  # reports, in the order the changes happened
     for n, i in enumerate(fresh):
         decision, now = batch[i].decision, batch[i].received_at
+        owed_before = len(owed)
         match decision:
             case BuildRequest(skip_reason=str(reason)):
                 owed.append((build_ids[n], BuildStatus.skipped.value))
@@ -267,6 +271,8 @@ def _apply_in_order(
                 results[i] = Recorded("ignored", decision.reason)
             case _:
                 raise TypeError(f"not a decision: {decision!r}")
+        if not batch[i].reported:
+            del owed[owed_before:]
     if endings:
         conn.execute(_END_BUILD, endings)
     if owed:
@@ -403,7 +409,8 @@ class Recovered:
     failed: list[int]
 
 
-def recover(conn: Connection, max_attempts: int, now: datetime) -> Recovered:
+def recover(conn: Connection, max_attempts: int, now: datetime,
+            report_to: frozenset[str] = outbox.EVERY_FORGE) -> Recovered:
     """Queue again the builds whose worker stopped renewing; fail those out of attempts."""
     expired = [
         builds.c.status == BuildStatus.running.value,
@@ -423,10 +430,10 @@ def recover(conn: Connection, max_attempts: int, now: datetime) -> Recovered:
             lease_owner=None,
             lease_expires_at=None,
         )
-        .returning(builds.c.id)
-    )
+        .returning(builds.c.id, builds.c.provider)
+    ).all()
     failed_ids = sorted(row.id for row in failed)
-    outbox.owe(conn, [(b, BuildStatus.failed.value) for b in failed_ids], now)
+    outbox.owe(conn, [(r.id, BuildStatus.failed.value) for r in sorted(failed) if r.provider in report_to], now)
     requeued = conn.execute(
         update(builds)
         .where(*expired, builds.c.attempts < max_attempts)

@@ -320,9 +320,11 @@ class Bus:
 class Telemetry:
     """What the pipeline holds: ``await telemetry.emit(...)`` stores, then publishes."""
 
-    def __init__(self, db, bus: Bus | None = None) -> None:
+    def __init__(self, db, bus: Bus | None = None, progress_to: frozenset[str] = frozenset()) -> None:
         self.db = db
         self.bus = bus or Bus()
+        #: Forges whose running builds show interim progress (bot.reporters.outbox.progress_to).
+        self.progress_to = progress_to
 
     async def emit(self, build_id: int, name: str, platform: str | None = None, **data: Any) -> dict[str, Any]:
         check(name, platform, data)  # fail in the caller's frame, before queuing the write
@@ -330,7 +332,7 @@ class Telemetry:
         def store(conn: Connection) -> dict[str, Any]:
             now = utcnow()
             if name in outbox.PROGRESS_EVENTS:  # the check run shows it too
-                outbox.owe(conn, [(build_id, outbox.PROGRESS)], now)
+                outbox.owe_progress(conn, build_id, now, self.progress_to)
             return record(conn, build_id, name, now, platform, **data)
 
         event = await self.db.write(store)

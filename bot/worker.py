@@ -59,7 +59,8 @@ def placeholder_runner(settings: Settings) -> RunBuild:
 
 
 def _claim_up_to(
-    conn: Connection, owner: str, count: int, lease: timedelta, build_id: int | None = None
+    conn: Connection, owner: str, count: int, lease: timedelta, build_id: int | None = None,
+    report_to: frozenset[str] = outbox.EVERY_FORGE,
 ) -> list[tuple[Build, dict]]:
     claimed = []
     for _ in range(count):
@@ -67,13 +68,15 @@ def _claim_up_to(
         build = queue.claim(conn, owner, lease, now, build_id)
         if build is None:
             break
-        outbox.owe(conn, [(build.id, BuildStatus.running.value)], now)
+        if build.provider in report_to:
+            outbox.owe(conn, [(build.id, BuildStatus.running.value)], now)
         claimed.append((build, telemetry.record(conn, build.id, "build_started", now, attempt=build.attempts)))
     return claimed
 
 
 def _finish(
-    conn: Connection, build: Build, owner: str, outcome: BuildOutcome, started: float
+    conn: Connection, build: Build, owner: str, outcome: BuildOutcome, started: float,
+    report_to: frozenset[str] = outbox.EVERY_FORGE,
 ) -> dict | None:
     """End the build with ``outcome`` and record its last event; None if no longer held."""
     now = utcnow()
@@ -81,7 +84,8 @@ def _finish(
         conn, build.id, owner, outcome.status, now, outcome.error_kind, outcome.error_message
     ):
         return None
-    outbox.owe(conn, [(build.id, outcome.status.value)], now)
+    if build.provider in report_to:
+        outbox.owe(conn, [(build.id, outcome.status.value)], now)
     duration = round(time.monotonic() - started, 3)
     if outcome.status is BuildStatus.succeeded:
         return telemetry.record(
@@ -130,6 +134,7 @@ class Worker:
         self.bus = bus
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = timedelta(seconds=settings.lease_seconds)
+        self.report_to = outbox.report_to(settings)
         self.running: dict[int, asyncio.Task] = {}
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -157,6 +162,11 @@ class Worker:
             for event in events:
                 if event is not None:
                     self.bus.publish({"type": "event", "event": event})
+
+    def _announce(self, build_ids: list[int]) -> None:
+        """Tell the live streams (bot.api.stream) these builds changed state without an event."""
+        if self.bus is not None and build_ids:
+            self.bus.publish({"type": "builds_changed", "ids": build_ids})
 
     def stop(self) -> None:
         """Stop claiming; ``run`` returns once running builds ended or were given back."""
@@ -193,12 +203,13 @@ class Worker:
         self._last_recovery = time.monotonic()
         try:
             result = await self.db.write(
-                lambda conn: queue.recover(conn, self.settings.max_attempts, utcnow())
+                lambda conn: queue.recover(conn, self.settings.max_attempts, utcnow(), self.report_to)
             )
         except Exception:
             log.exception("lease recovery failed; will try again")
             return
         if result.requeued or result.failed:
+            self._announce(result.requeued + result.failed)
             log.warning(
                 "recovered builds from lost workers: requeued %s, failed %s",
                 result.requeued, result.failed,
@@ -210,7 +221,7 @@ class Worker:
             return
         try:
             claimed = await self.db.write(
-                lambda conn: _claim_up_to(conn, self.owner, free, self.lease)
+                lambda conn: _claim_up_to(conn, self.owner, free, self.lease, report_to=self.report_to)
             )
         except Exception:
             log.exception("claiming builds failed; will try again")
@@ -229,7 +240,7 @@ class Worker:
     async def run_one(self, build_id: int) -> BuildOutcome | None:
         """Run queued build ``build_id`` here and now (``imagebot build``); None if it was not
         queued. Its lease is held and renewed like any other."""
-        claimed = await self.db.write(lambda conn: _claim_up_to(conn, self.owner, 1, self.lease, build_id))
+        claimed = await self.db.write(lambda conn: _claim_up_to(conn, self.owner, 1, self.lease, build_id, self.report_to))
         if not claimed:
             return None
         build, event = claimed[0]
@@ -261,7 +272,7 @@ class Worker:
         except Exception as exc:
             log.exception("build %s crashed", build.id)
             outcome = BuildOutcome(BuildStatus.failed, "internal", f"{type(exc).__name__}: {exc}")
-        held = await self.db.write(lambda conn: _finish(conn, build, self.owner, outcome, started))
+        held = await self.db.write(lambda conn: _finish(conn, build, self.owner, outcome, started, self.report_to))
         self._publish(held)
         if held:
             log.info("build %s %s", build.id, outcome.status.value)

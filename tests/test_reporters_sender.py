@@ -78,7 +78,7 @@ class Forge:
     def __init__(self, db, provider="github") -> None:
         self.db = db
         self.provider = provider
-        self.telemetry = Telemetry(db)
+        self.telemetry = Telemetry(db, progress_to=outbox.EVERY_FORGE)
 
     def queue(self, sha: str | None = None, ref="refs/heads/main", kind=BuildKind.branch, **kw) -> int:
         request = queue.BuildRequest(

@@ -12,13 +12,15 @@ Like bot.queue, every function takes a ``Connection`` inside a transaction and t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import JSON, Connection, and_, bindparam, case, exists, insert, literal, or_, select, update
+from sqlalchemy import JSON, Connection, Insert, and_, bindparam, case, exists, insert, literal, or_, select, update
 from sqlalchemy.orm import aliased
 
 from bot.models import ReportState, UTCDateTime, builds, reports
+from bot.settings import Settings
 
 #: The report of an interim check-run update, next to the build statuses.
 PROGRESS = "progress"
@@ -39,19 +41,46 @@ REPORT_KEY = (
     + case((builds.c.kind == "pull_request", "pull_request"), else_="push")
 )
 
-_OWE = insert(reports).from_select(
-    ["build_id", "key", "status", "state", "created_at", "next_attempt_at", "attempts", "done"],
-    select(
-        builds.c.id,
-        REPORT_KEY,
-        bindparam("r_status"),
-        literal(ReportState.pending.value),
-        bindparam("r_now", type_=UTCDateTime()),
-        bindparam("r_now", type_=UTCDateTime()),
-        literal(0),
-        bindparam("r_done", type_=JSON()),
-    ).where(builds.c.id == bindparam("r_build"), builds.c.trigger != "cli"),
-)
+@functools.cache
+def _owe_statement(forges: frozenset[str] | None = None) -> Insert:
+    """INSERT ... SELECT: a report row for a build, keyed from the build's own columns (built
+    once per forge set: building statements costs more than SQLite takes to run them)."""
+    where = [builds.c.id == bindparam("r_build"), builds.c.trigger != "cli"]
+    if forges is not None:
+        where.append(builds.c.provider.in_(sorted(forges)))
+    return insert(reports).from_select(
+        ["build_id", "key", "status", "state", "created_at", "next_attempt_at", "attempts", "done"],
+        select(
+            builds.c.id,
+            REPORT_KEY,
+            bindparam("r_status"),
+            literal(ReportState.pending.value),
+            bindparam("r_now", type_=UTCDateTime()),
+            bindparam("r_now", type_=UTCDateTime()),
+            literal(0),
+            bindparam("r_done", type_=JSON()),
+        ).where(*where),
+    )
+
+
+#: Every forge: what tests and callers that do not filter pass.
+EVERY_FORGE = frozenset({"github", "gitlab"})
+
+
+def report_to(settings: Settings) -> frozenset[str]:
+    """The forges this bot can report to. Builds of other forges owe no reports: nothing
+    would ever send them, and writing them would cost every delivery a statement."""
+    forges = set()
+    if settings.github_token is not None or settings.github_app_id is not None:
+        forges.add("github")
+    if settings.gitlab_api_token is not None:
+        forges.add("gitlab")
+    return frozenset(forges)
+
+
+def progress_to(settings: Settings) -> frozenset[str]:
+    """The forges that show interim progress: only GitHub check runs (App mode) do."""
+    return frozenset({"github"}) if settings.github_app_id is not None else frozenset()
 
 
 def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None:
@@ -60,7 +89,14 @@ def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None
     Builds started from the command line (trigger ``cli``) report nowhere: nobody pushed.
     """
     if changes:
-        conn.execute(_OWE, [{"r_build": b, "r_status": s, "r_now": now, "r_done": []} for b, s in changes])
+        conn.execute(_owe_statement(), [{"r_build": b, "r_status": s, "r_now": now, "r_done": []}
+                                        for b, s in changes])
+
+
+def owe_progress(conn: Connection, build_id: int, now: datetime, forges: frozenset[str]) -> None:
+    """Owe an interim update of a running build, if its forge shows them (``forges``)."""
+    if forges:
+        conn.execute(_owe_statement(forges), {"r_build": build_id, "r_status": PROGRESS, "r_now": now, "r_done": []})
 
 
 @dataclass(frozen=True)

@@ -121,12 +121,18 @@ class Sender:
         self.pace = Pace(settings.report_requests_per_minute)
         self.sent = 0  # requests that reached the forge and were accepted (tests, metrics)
 
+    @property
+    def enabled(self) -> bool:
+        """Some forge is configured: reports can be owed at all."""
+        return bool(outbox.report_to(self.settings))
+
     def wake(self) -> None:
-        self._wake.set()
+        if self.enabled:
+            self._wake.set()
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self._wake.set()  # (not wake(): stopping must work when disabled too)
 
     def targets(self, provider: str) -> list[str]:
         """Where a build of ``provider`` reports, as configured."""
@@ -143,7 +149,7 @@ class Sender:
         follower = asyncio.create_task(self._follow(), name="report-wakeups") if self.bus else None
         try:
             while not self._stopping:
-                if not await self.send_round():
+                if not self.enabled or not await self.send_round():
                     await self._idle()
         finally:
             if follower:

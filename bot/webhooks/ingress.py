@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from bot.db import Database
 from bot.models import utcnow
+from bot.reporters import outbox
 from bot.queue import Decision, DeliveryInfo, Ignore, Incoming, Recorded, record_deliveries
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ async def record(request: Request, delivery: DeliveryInfo, decision: Decision) -
     db: Database = request.app.state.db
     platforms = request.app.state.settings.platforms
 
-    incoming = Incoming(delivery, decision, platforms, utcnow())
+    reported = delivery.provider in outbox.report_to(request.app.state.settings)
+    incoming = Incoming(delivery, decision, platforms, utcnow(), reported)
     try:
         recorded = await db.write_item(record_deliveries, incoming)
     except IntegrityError:
