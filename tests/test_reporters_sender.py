@@ -445,3 +445,9 @@ def test_gitlab_faults_are_retried_in_order_once(db, gitlab):
     asyncio.run(go())
     assert gitlab.history("acme/app", sha, "imagebot") == ["pending", "running", "failed"]
     assert [r.attempts for r in report_rows(db)] == [4, 1, 1]  # 502, 502, 429, then accepted
+
+
+def test_pace_room():
+    pace = Pace(per_minute=3)
+    pace.take("github", 2, now=0.0)
+    assert (pace.room("github", now=1.0), pace.room("github", now=61.0), pace.room("gitlab", now=1.0)) == (1, 3, 3)

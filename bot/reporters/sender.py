@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Reports sent at the same time (each for a different commit and context).
 BATCH = 8
+#: The least time between two rounds while reports keep coming.
+ROUND_GAP = 0.05
 #: Events after which the worker has owed a report (its start and end, and progress).
 WAKING_EVENTS = outbox.PROGRESS_EVENTS | {"build_started", "build_succeeded", "build_failed", "build_cancelled"}
 #: GitLab's answer when a status is already in the state posted (e.g. ``running`` twice after a
@@ -88,6 +90,12 @@ class Pace:
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
         self._sent: dict[str, deque[float]] = {}
+
+    def room(self, forge: str, now: float | None = None) -> int:
+        """Requests ``forge`` can take now."""
+        now = time.monotonic() if now is None else now
+        sent = self._sent.get(forge, ())
+        return self.per_minute - sum(1 for t in sent if t > now - self.WINDOW)
 
     def take(self, forge: str, count: int, now: float | None = None) -> float:
         """Reserve ``count`` requests now; 0, or how long to wait before asking again."""
@@ -151,6 +159,8 @@ class Sender:
             while not self._stopping:
                 if not self.enabled or not await self.send_round():
                     await self._idle()
+                else:  # more may be due; but let a burst of wake-ups make one round, not many
+                    await asyncio.sleep(ROUND_GAP)
         finally:
             if follower:
                 follower.cancel()
@@ -178,10 +188,14 @@ class Sender:
         self._wake.clear()
 
     async def send_round(self) -> int:
-        """Lease and deliver the reports due now; how many were leased."""
+        """Lease and deliver the reports due now; how many were leased. Never more than the
+        pace allows (a report that would have to wait is not worth a lease)."""
+        room = min([BATCH, *(self.pace.room(forge) for forge in outbox.report_to(self.settings))])
+        if room <= 0:
+            return 0
         try:
             claimed = await self.db.write(
-                lambda conn: outbox.claim(conn, self.owner, BATCH, self.lease, utcnow())
+                lambda conn: outbox.claim(conn, self.owner, room, self.lease, utcnow())
             )
         except Exception:
             log.exception("claiming reports failed; will try again")
