@@ -122,7 +122,8 @@ _INSERT_DELIVERIES = insert(deliveries)
 #: publish older code under the ref's tags; its worker notices and stops its work.
 _UNFINISHED = or_(builds.c.status == BuildStatus.queued.value, builds.c.status == BuildStatus.running.value)
 _QUEUED_OF_REFS = (
-    select(builds.c.id, builds.c.provider, builds.c.repo, builds.c.ref)
+    select(builds.c.id, builds.c.provider, builds.c.repo, builds.c.ref, builds.c.sha, builds.c.kind,
+           builds.c.trigger)
     .where(
         _UNFINISHED,
         builds.c.repo.in_(bindparam("repos", expanding=True)),
@@ -232,6 +233,7 @@ def _apply_in_order(
         if isinstance(d, CancelRef) or (isinstance(d, BuildRequest) and not d.skip_reason)
     ]
     queued: dict[tuple[str, str, str], list[int]] = {}
+    facts: dict[int, tuple[str, str, str, str, str]] = {}  # build id -> what its report key needs
     if touched:
         new = set(build_ids.values())  # the batch's own builds join the queue in order below
         rows = conn.execute(_QUEUED_OF_REFS, {
@@ -240,6 +242,7 @@ def _apply_in_order(
         for row in rows:
             if row.id not in new:
                 queued.setdefault((row.provider, row.repo, row.ref), []).append(row.id)
+                facts[row.id] = (row.provider, row.repo, row.sha, row.kind, row.trigger)
 
     results: dict[int, Recorded] = {}
     endings: list[dict] = []
@@ -247,6 +250,9 @@ def _apply_in_order(
     for n, i in enumerate(fresh):
         decision, now = batch[i].decision, batch[i].received_at
         owed_before = len(owed)
+        if isinstance(decision, BuildRequest):
+            facts[build_ids[n]] = (decision.provider, decision.repo, decision.sha, decision.kind.value,
+                                   decision.trigger)
         match decision:
             case BuildRequest(skip_reason=str(reason)):
                 owed.append((build_ids[n], BuildStatus.skipped.value))
@@ -275,8 +281,9 @@ def _apply_in_order(
             del owed[owed_before:]
     if endings:
         conn.execute(_END_BUILD, endings)
-    if owed:
-        outbox.owe(conn, owed, batch[fresh[-1]].received_at)
+    if owed:  # keyed here, from what the batch already knows (an INSERT ... SELECT per row costs double)
+        outbox.owe_keyed(conn, [(b, outbox.report_key(*facts[b][:4]), status) for b, status in owed
+                                if facts[b][4] != "cli"], batch[fresh[-1]].received_at)
     return results
 
 

@@ -151,3 +151,14 @@ def test_dead_reports_do_not_block_their_key(db):
     recorded = deliver(db, request())  # supersedes: two more reports
     assert [h.status for h in claim(db)] == ["superseded"]
     assert recorded.superseded
+
+
+def test_the_key_made_in_python_is_the_key_made_in_sql(db):
+    from bot.models import builds as builds_table
+
+    pr = deliver(db, request(ref="refs/pull/7/head", kind=BuildKind.pull_request, pr_number=7))
+    push = deliver(db, request(sha=SHA_B))
+    in_sql = db.read_sync(lambda c: dict(c.execute(select(builds_table.c.id, outbox.REPORT_KEY)).all()))
+    assert in_sql == {pr.build_id: outbox.report_key("github", "acme/app", SHA_A, "pull_request"),
+                      push.build_id: outbox.report_key("github", "acme/app", SHA_B, "branch")}
+    assert {key for _, _, key in owed(db)} == set(in_sql.values())

@@ -78,6 +78,11 @@ def report_to(settings: Settings) -> frozenset[str]:
     return frozenset(forges)
 
 
+def report_key(provider: str, repo: str, sha: str, kind: str) -> str:
+    """:data:`REPORT_KEY`, for a build whose columns are at hand."""
+    return f"{provider}:{repo}@{sha}#{'pull_request' if kind == 'pull_request' else 'push'}"
+
+
 def progress_to(settings: Settings) -> frozenset[str]:
     """The forges that show interim progress: only GitHub check runs (App mode) do."""
     return frozenset({"github"}) if settings.github_app_id is not None else frozenset()
@@ -91,6 +96,17 @@ def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None
     if changes:
         conn.execute(_owe_statement(), [{"r_build": b, "r_status": s, "r_now": now, "r_done": []}
                                         for b, s in changes])
+
+
+def owe_keyed(conn: Connection, changes: list[tuple[int, str, str]], now: datetime) -> None:
+    """:func:`owe`, for ``(build id, key, status)`` whose key the caller made (report_key)."""
+    if changes:
+        pending = ReportState.pending.value
+        conn.execute(insert(reports), [
+            {"build_id": b, "key": key, "status": status, "state": pending, "created_at": now,
+             "next_attempt_at": now, "attempts": 0, "done": []}
+            for b, key, status in changes
+        ])
 
 
 def owe_progress(conn: Connection, build_id: int, now: datetime, forges: frozenset[str]) -> None:
