@@ -283,10 +283,17 @@ class Sender:
                            build.finished_at, build.error_message)
         url = f"{self.settings.public_url}/builds/{build.id}"
         body = check_run_body(facts, report.status, title, rendered.events, rendered.log, url)
+        await self._put_check_run(build, body)
+        if status.final:
+            self._last_interim.pop(build.id, None)  # nothing interim follows an end
+        else:
+            self._last_interim[build.id] = time.monotonic()
+
+    async def _put_check_run(self, build: Build, body: dict[str, Any]) -> None:
+        """Update the build's check run, or create it (again, if GitHub lost it)."""
         if build.check_run_id is not None:
             try:
                 await self.github.update_check_run(build.repo, build.check_run_id, body, build.installation_id)
-                self._last_interim[build.id] = time.monotonic()
                 return
             except ReportError as exc:
                 if exc.kind != "not_found":
@@ -298,9 +305,6 @@ class Sender:
         # not create a second one.
         await self.db.write(lambda conn: outbox.set_check_run(conn, build.id, created["id"]))
         build.check_run_id = created["id"]
-        self._last_interim[build.id] = time.monotonic()
-        if status.final:
-            self._last_interim.pop(build.id, None)
 
     async def _refused(self, report: outbox.Claimed, done: list[str], exc: ReportError) -> None:
         error = f"{exc.kind}: {exc}"
