@@ -194,9 +194,15 @@ class Pipeline:
         tasks = {p: asyncio.ensure_future(one(p)) for p in order}
         try:
             await asyncio.gather(*tasks.values())
-        finally:
+        except BaseException:
+            # Stop the other platforms (once: a cancelled gather has cancelled them already, and
+            # a second cancel would cut short the release of what they hold, e.g. their Jobs),
+            # then wait until each has let go.
             for task in tasks.values():
-                task.cancel()
+                if not task.done() and not task.cancelling():
+                    task.cancel()
+            await asyncio.wait(tasks.values())
+            raise
         return [tasks[p].result() for p in plan.platforms]
 
     async def _conclude(self, build: Build, plan: Plan, results: list[PlatformResult], started: float) -> BuildOutcome:
