@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bot.api import rest
+from bot.api import admin, dashboard, metrics, openapi, rest, stream
 from bot.db import Database
 from bot.settings import Settings
 from bot.webhooks import github, gitlab
@@ -98,9 +98,14 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
-            Route("/webhooks/github", github.webhook, methods=["POST"]),
-            Route("/webhooks/gitlab", gitlab.webhook, methods=["POST"]),
+            Route("/webhooks/github", metrics.observed("github", github.webhook), methods=["POST"]),
+            Route("/webhooks/gitlab", metrics.observed("gitlab", gitlab.webhook), methods=["POST"]),
             *rest.routes,
+            *admin.routes,
+            *stream.routes,
+            *metrics.routes,
+            *openapi.routes,
+            *dashboard.routes,
         ],
         exception_handlers={
             WebhookError: _webhook_error,

@@ -287,6 +287,15 @@ def _apply_in_order(
     return results
 
 
+def cancel(conn: Connection, build_id: int, reason: str, now: datetime, reported: bool = True) -> bool:
+    """End a queued or running build as cancelled (an administrator asked); False if it had
+    ended already. Its worker notices as with a supersede; its final report is owed here."""
+    ended = conn.execute(_END_BUILD, _ending(build_id, BuildStatus.cancelled, reason, now)).rowcount
+    if ended and reported:
+        outbox.owe(conn, [(build_id, BuildStatus.cancelled.value)], now)
+    return bool(ended)
+
+
 def _ending(build_id: int, status: BuildStatus, message: str, now: datetime) -> dict:
     return {"w_id": build_id, "w_status": status.value, "w_now": now, "w_message": message[:2000]}
 

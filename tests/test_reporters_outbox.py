@@ -162,3 +162,10 @@ def test_the_key_made_in_python_is_the_key_made_in_sql(db):
     assert in_sql == {pr.build_id: outbox.report_key("github", "acme/app", SHA_A, "pull_request"),
                       push.build_id: outbox.report_key("github", "acme/app", SHA_B, "branch")}
     assert {key for _, _, key in owed(db)} == set(in_sql.values())
+
+
+def test_an_administrators_cancel_owes_the_final_report(db):
+    recorded = deliver(db, request())
+    assert db.write_sync(lambda c: queue.cancel(c, recorded.build_id, "cancelled by an administrator", utcnow()))
+    assert not db.write_sync(lambda c: queue.cancel(c, recorded.build_id, "again", utcnow()))
+    assert [s for _, s, _ in owed(db)] == ["queued", "cancelled"]

@@ -1,0 +1,165 @@
+"""The status page: server-rendered HTML (Jinja2) with a little JavaScript on top.
+
+``/`` lists builds (filters and paging are plain links and a GET form, so it works without
+JavaScript); ``/builds/{id}`` shows one build: its per-platform results and digests, a timeline
+with one lane per platform, and the tail of its log. ``bot/api/static/dashboard.js`` keeps both
+live over the SSE streams by fetching the server's own fragments (``/builds/{id}/row``,
+``/builds/{id}/live``) when something changes, so every piece of HTML has one template. Reports
+link here (``{IMAGEBOT_PUBLIC_URL}/builds/{id}``). Pages answer errors in HTML; the API in JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import Connection, func, select
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from bot import telemetry
+from bot.api import summary
+from bot.api.rest import build_detail, build_id_of, build_json, build_row, page_of_builds, read
+from bot.api.stream import Position, current_position
+from bot.models import BuildStatus, build_logs, telemetry_events, utcnow
+
+#: Log lines a build page shows at first (the whole log is at /api/builds/{id}/log).
+LOG_TAIL = 300
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _when(value: str | None) -> str:
+    return "–" if value is None else value.replace("T", " ")[:19] + " UTC"
+
+
+def _took(build: dict[str, Any]) -> float | None:
+    if not build["started_at"]:
+        return None
+    end = build["finished_at"] or utcnow().isoformat()
+    return (_parse(end) - _parse(build["started_at"])).total_seconds()
+
+
+def _parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _size(value: int | None) -> str:
+    return "–" if value is None else f"{value:,} B"  # manifests: bytes, not megabytes
+
+
+def _short_ref(ref: str) -> str:
+    for prefix in ("refs/heads/", "refs/tags/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix):]
+    return ref
+
+
+_env = Environment(loader=PackageLoader("bot.api", "templates"), autoescape=select_autoescape())
+_env.filters.update(seconds=_seconds, when=_when, size=_size, short_ref=_short_ref)
+_env.globals.update(statuses=list(BuildStatus.__members__), took=_took)
+templates = Jinja2Templates(env=_env)
+
+
+def _page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def _error(request: Request, exc: HTTPException) -> Response:
+    return _page(request, "error.html", {"status": exc.status_code, "reason": exc.detail}, exc.status_code)
+
+
+async def build_list(request: Request) -> Response:
+    position = await read(request.app, current_position)  # the script goes on from here
+    try:
+        page, next_cursor = await page_of_builds(request)
+    except HTTPException as exc:
+        return _error(request, exc)
+    filters = {name: request.query_params.get(name, "") for name in ("repo", "ref", "sha", "status")}
+    kept = {name: value for name, value in request.query_params.items() if value and name != "cursor"}
+    return _page(request, "builds.html", {
+        "builds": [build_json(row) for row in page],
+        "filters": filters,
+        "first_page": not request.query_params.get("cursor"),
+        "position": str(position),
+        "newest_url": "/?" + urlencode(kept),
+        "older_url": "/?" + urlencode({**kept, "cursor": next_cursor}) if next_cursor else None,
+    })
+
+
+def _read_build(conn: Connection, build_id: int, tail: int) -> dict[str, Any]:
+    row = build_row(conn, build_id)
+    events = telemetry.events_of(conn, build_id)
+    lines = []
+    if tail:
+        lines = list(conn.execute(
+            select(build_logs).where(build_logs.c.build_id == build_id).order_by(build_logs.c.id.desc()).limit(tail)
+        ))[::-1]
+    last_log = conn.execute(
+        select(func.coalesce(func.max(build_logs.c.id), 0)).where(build_logs.c.build_id == build_id)
+    ).scalar_one()
+    last_event = conn.execute(
+        select(func.coalesce(func.max(telemetry_events.c.id), 0)).where(telemetry_events.c.build_id == build_id)
+    ).scalar_one()
+    detail = build_detail(row, events)
+    return {
+        "build": detail,
+        "timeline": summary.timeline(row.platforms, events, utcnow()),
+        "lines": lines,
+        "position": str(Position(last_event, last_log)),
+        "log_lines": last_log,
+    }
+
+
+async def _build_context(request: Request, tail: int) -> dict[str, Any] | Response:
+    try:
+        build_id = build_id_of(request)
+        return await read(request.app, lambda conn: _read_build(conn, build_id, tail))
+    except HTTPException as exc:
+        return _error(request, exc)
+
+
+async def build_page(request: Request) -> Response:
+    context = await _build_context(request, LOG_TAIL)
+    if isinstance(context, Response):
+        return context
+    return _page(request, "build.html", {**context, "log_tail": LOG_TAIL})
+
+
+async def build_live(request: Request) -> Response:
+    """The parts of a build page that change (header, results, timeline), for the script."""
+    context = await _build_context(request, 0)
+    if isinstance(context, Response):
+        return context
+    return _page(request, "_live.html", context)
+
+
+async def build_list_row(request: Request) -> Response:
+    try:
+        build_id = build_id_of(request)
+        row = await read(request.app, lambda conn: build_row(conn, build_id))
+    except HTTPException as exc:
+        return _error(request, exc)
+    return _page(request, "_row.html", {"build": build_json(row)})
+
+
+routes = [
+    Route("/", build_list),
+    Route("/builds/{build_id}", build_page),
+    Route("/builds/{build_id}/live", build_live),
+    Route("/builds/{build_id}/row", build_list_row),
+    Mount("/static", StaticFiles(packages=[("bot.api", "static")]), name="static"),
+]
