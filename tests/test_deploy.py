@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import yaml
 
 from bot.settings import Settings, load_settings
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, poll, wait_for_token
+from tests.support import infra
 
 # The first test may start (or, on a fresh machine, build) the cluster; the tests themselves
 # take a few seconds.
@@ -193,24 +193,8 @@ def fresh_namespaces(k8s: Cluster) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def docker_compose() -> str:
-    """Debian's docker-compose (1.29), installed with apt-get if missing.
-
-    TODO(lead): a `docker-compose` component of scripts/infra would make this an install step
-    of the test set-up instead; until then this is idempotent and quick once installed.
-    """
-    found = shutil.which("docker-compose")
-    if found is None:
-        apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", "docker-compose"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(apt, capture_output=True, text=True, env=env, timeout=600)
-        if result.returncode != 0:  # an old or missing package list
-            subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env, timeout=600)
-            result = subprocess.run(apt, capture_output=True, text=True, env=env, timeout=600)
-        if result.returncode != 0:
-            pytest.fail(f"apt-get install docker-compose failed:\n{result.stderr[-2000:]}")
-        found = shutil.which("docker-compose")
-        assert found, "docker-compose installed but not on PATH"
-    return found
+    """Debian's docker-compose (1.29), installed by scripts/infra's ``compose`` component."""
+    return infra("compose")["IMAGEBOT_TEST_DOCKER_COMPOSE"]
 
 
 def compose_config(docker_compose: str, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
