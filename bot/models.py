@@ -164,7 +164,9 @@ class Report(SQLModel, table=True):
 
     __tablename__ = "reports"
     __table_args__ = (
-        Index("ix_reports_state_id", "state", "id"),
+        # what the sender asks every round: the pending reports that are due (reports waiting
+        # out a forge's outage are many, and must not be read each time)
+        Index("ix_reports_state_due", "state", "next_attempt_at"),
         Index("ix_reports_key_state_id", "key", "state", "id"),
         Index("ix_reports_build_id_id", "build_id", "id"),
     )

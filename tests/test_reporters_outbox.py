@@ -128,8 +128,10 @@ def test_an_expired_lease_is_taken_over(db):
 
 
 def test_interim_updates_are_coalesced_by_a_newer_report(db):
+    """(When a newer report is owed; one already leased is left to finish.)"""
     recorded = deliver(db, request())
-    db.write_sync(lambda c: outbox.owe(c, [(recorded.build_id, outbox.PROGRESS)] * 3, utcnow()))
+    for _ in range(3):
+        db.write_sync(lambda c: outbox.owe_progress(c, recorded.build_id, utcnow(), outbox.EVERY_FORGE))
     [head] = claim(db)
     settle(db, head)
     [progress] = claim(db)  # the last interim update stands: nothing newer
@@ -169,3 +171,17 @@ def test_an_administrators_cancel_owes_the_final_report(db):
     assert db.write_sync(lambda c: queue.cancel(c, recorded.build_id, "cancelled by an administrator", utcnow()))
     assert not db.write_sync(lambda c: queue.cancel(c, recorded.build_id, "again", utcnow()))
     assert [s for _, s, _ in owed(db)] == ["queued", "cancelled"]
+
+
+def test_a_build_end_coalesces_its_unsent_interim_updates_but_not_one_in_flight(db):
+    recorded = deliver(db, request())
+    [head] = claim(db)
+    settle(db, head)
+    db.write_sync(lambda c: outbox.owe_progress(c, recorded.build_id, utcnow(), outbox.EVERY_FORGE))
+    [in_flight] = claim(db)
+    db.write_sync(lambda c: outbox.owe_progress(c, recorded.build_id, utcnow(), outbox.EVERY_FORGE))
+    deliver(db, request(sha=SHA_B))  # supersedes the build: its end is owed
+    states = db.read_sync(lambda c: [(r.status, r.state) for r in c.execute(
+        select(reports).where(reports.c.build_id == recorded.build_id).order_by(reports.c.id))])
+    assert states == [("queued", "sent"), ("progress", "pending"), ("progress", "coalesced"), ("superseded", "pending")]
+    assert in_flight.status == "progress"

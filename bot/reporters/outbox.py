@@ -88,12 +88,25 @@ def progress_to(settings: Settings) -> frozenset[str]:
     return frozenset({"github"}) if settings.github_app_id is not None else frozenset()
 
 
+def _coalesce(conn: Connection, build_ids: list[int], now: datetime) -> None:
+    """A newer report of a build shows at least what its unsent interim updates would: those
+    are coalesced (not sent). One in flight (leased) is left to finish."""
+    if build_ids:
+        conn.execute(
+            update(reports)
+            .where(reports.c.build_id.in_(sorted(set(build_ids))), reports.c.status == PROGRESS,
+                   reports.c.state == ReportState.pending.value, _free(now))
+            .values(state=ReportState.coalesced.value, sent_at=now)
+        )
+
+
 def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None:
     """Owe a report of each ``(build id, status)``, in list order.
 
     Builds started from the command line (trigger ``cli``) report nowhere: nobody pushed.
     """
     if changes:
+        _coalesce(conn, [b for b, _ in changes], now)
         conn.execute(_owe_statement(), [{"r_build": b, "r_status": s, "r_now": now, "r_done": []}
                                         for b, s in changes])
 
@@ -101,6 +114,8 @@ def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None
 def owe_keyed(conn: Connection, changes: list[tuple[int, str, str]], now: datetime) -> None:
     """:func:`owe`, for ``(build id, key, status)`` whose key the caller made (report_key)."""
     if changes:
+        # only builds that existed before this batch can have interim updates owed
+        _coalesce(conn, [b for b, _, status in changes if status not in ("queued", "skipped")], now)
         pending = ReportState.pending.value
         conn.execute(insert(reports), [
             {"build_id": b, "key": key, "status": status, "state": pending, "created_at": now,
@@ -112,6 +127,7 @@ def owe_keyed(conn: Connection, changes: list[tuple[int, str, str]], now: dateti
 def owe_progress(conn: Connection, build_id: int, now: datetime, forges: frozenset[str]) -> None:
     """Owe an interim update of a running build, if its forge shows them (``forges``)."""
     if forges:
+        _coalesce(conn, [build_id], now)
         conn.execute(_owe_statement(forges), {"r_build": build_id, "r_status": PROGRESS, "r_now": now, "r_done": []})
 
 
@@ -129,41 +145,32 @@ def _free(now: datetime):
     return or_(reports.c.lease_expires_at.is_(None), reports.c.lease_expires_at < now)
 
 
-def claim(conn: Connection, owner: str, limit: int, lease: timedelta, now: datetime) -> list[Claimed]:
-    """Lease up to ``limit`` reports that are due and first in line for their key.
+_NOW = bindparam("now", type_=UTCDateTime())
+_EARLIER = aliased(reports)
+#: The reports due now whose key has nothing pending before them (built once: an aliased
+#: statement built per call is compiled per call, which cost more than running it).
+_HEADS = (
+    select(reports.c.id)
+    .where(
+        reports.c.state == ReportState.pending.value,
+        reports.c.next_attempt_at <= _NOW,
+        or_(reports.c.lease_expires_at.is_(None), reports.c.lease_expires_at < _NOW),
+        ~exists().where(
+            _EARLIER.c.key == reports.c.key,
+            _EARLIER.c.state == ReportState.pending.value,
+            _EARLIER.c.id < reports.c.id,
+        ),
+    )
+    .order_by(reports.c.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
 
-    An interim update with a newer report of the same build behind it is marked coalesced
-    first: the newer one shows at least as much.
-    """
-    newer = aliased(reports)
-    conn.execute(
-        update(reports)
-        .where(
-            reports.c.state == ReportState.pending.value,
-            reports.c.status == PROGRESS,
-            _free(now),
-            exists().where(newer.c.build_id == reports.c.build_id, newer.c.id > reports.c.id),
-        )
-        .values(state=ReportState.coalesced.value, sent_at=now)
-    )
-    earlier = aliased(reports)
-    heads = (
-        select(reports.c.id)
-        .where(
-            reports.c.state == ReportState.pending.value,
-            reports.c.next_attempt_at <= now,
-            _free(now),
-            ~exists().where(
-                earlier.c.key == reports.c.key,
-                earlier.c.state == ReportState.pending.value,
-                earlier.c.id < reports.c.id,
-            ),
-        )
-        .order_by(reports.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    ids = [row.id for row in conn.execute(heads)]
+
+def claim(conn: Connection, owner: str, limit: int, lease: timedelta, now: datetime) -> list[Claimed]:
+    """Lease up to ``limit`` reports that are due and first in line for their key."""
+    heads = conn.execute(_HEADS, {"now": now, "limit": limit})
+    ids = [row.id for row in heads]
     if not ids:
         return []
     rows = conn.execute(
