@@ -123,7 +123,7 @@ _INSERT_DELIVERIES = insert(deliveries)
 _UNFINISHED = or_(builds.c.status == BuildStatus.queued.value, builds.c.status == BuildStatus.running.value)
 _QUEUED_OF_REFS = (
     select(builds.c.id, builds.c.provider, builds.c.repo, builds.c.ref, builds.c.sha, builds.c.kind,
-           builds.c.trigger)
+           builds.c.trigger, builds.c.status)
     .where(
         _UNFINISHED,
         builds.c.repo.in_(bindparam("repos", expanding=True)),
@@ -234,6 +234,7 @@ def _apply_in_order(
     ]
     queued: dict[tuple[str, str, str], list[int]] = {}
     facts: dict[int, tuple[str, str, str, str, str]] = {}  # build id -> what its report key needs
+    running: list[int] = []  # ended while running: they may owe interim updates
     if touched:
         new = set(build_ids.values())  # the batch's own builds join the queue in order below
         rows = conn.execute(_QUEUED_OF_REFS, {
@@ -243,6 +244,8 @@ def _apply_in_order(
             if row.id not in new:
                 queued.setdefault((row.provider, row.repo, row.ref), []).append(row.id)
                 facts[row.id] = (row.provider, row.repo, row.sha, row.kind, row.trigger)
+                if row.status == BuildStatus.running.value:
+                    running.append(row.id)
 
     results: dict[int, Recorded] = {}
     endings: list[dict] = []
@@ -283,7 +286,7 @@ def _apply_in_order(
         conn.execute(_END_BUILD, endings)
     if owed:  # keyed here, from what the batch already knows (an INSERT ... SELECT per row costs double)
         outbox.owe_keyed(conn, [(b, outbox.report_key(*facts[b][:4]), status) for b, status in owed
-                                if facts[b][4] != "cli"], batch[fresh[-1]].received_at)
+                                if facts[b][4] != "cli"], batch[fresh[-1]].received_at, running)
     return results
 
 

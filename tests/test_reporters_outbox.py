@@ -175,13 +175,16 @@ def test_an_administrators_cancel_owes_the_final_report(db):
 
 def test_a_build_end_coalesces_its_unsent_interim_updates_but_not_one_in_flight(db):
     recorded = deliver(db, request())
-    [head] = claim(db)
-    settle(db, head)
+    db.write_sync(lambda c: _claim_up_to(c, "w", 1, LEASE))  # running
+    for _ in ("queued", "running"):
+        [head] = claim(db)
+        settle(db, head)
     db.write_sync(lambda c: outbox.owe_progress(c, recorded.build_id, utcnow(), outbox.EVERY_FORGE))
     [in_flight] = claim(db)
     db.write_sync(lambda c: outbox.owe_progress(c, recorded.build_id, utcnow(), outbox.EVERY_FORGE))
     deliver(db, request(sha=SHA_B))  # supersedes the build: its end is owed
     states = db.read_sync(lambda c: [(r.status, r.state) for r in c.execute(
         select(reports).where(reports.c.build_id == recorded.build_id).order_by(reports.c.id))])
-    assert states == [("queued", "sent"), ("progress", "pending"), ("progress", "coalesced"), ("superseded", "pending")]
+    assert states == [("queued", "sent"), ("running", "sent"), ("progress", "pending"), ("progress", "coalesced"),
+                      ("superseded", "pending")]
     assert in_flight.status == "progress"

@@ -111,11 +111,12 @@ def owe(conn: Connection, changes: list[tuple[int, str]], now: datetime) -> None
                                         for b, s in changes])
 
 
-def owe_keyed(conn: Connection, changes: list[tuple[int, str, str]], now: datetime) -> None:
-    """:func:`owe`, for ``(build id, key, status)`` whose key the caller made (report_key)."""
+def owe_keyed(conn: Connection, changes: list[tuple[int, str, str]], now: datetime,
+              were_running: list[int]) -> None:
+    """:func:`owe`, for ``(build id, key, status)`` whose key the caller made (report_key);
+    ``were_running``: the builds among them that may have owed interim updates."""
     if changes:
-        # only builds that existed before this batch can have interim updates owed
-        _coalesce(conn, [b for b, _, status in changes if status not in ("queued", "skipped")], now)
+        _coalesce(conn, were_running, now)
         pending = ReportState.pending.value
         conn.execute(insert(reports), [
             {"build_id": b, "key": key, "status": status, "state": pending, "created_at": now,
