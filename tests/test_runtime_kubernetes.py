@@ -17,6 +17,7 @@ from bot import telemetry
 from bot.runtimes.kubernetes import REGISTRY_SECRET
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
+from tests.e2e.test_reporting import github, key  # noqa: F401 - fixtures: the GitHub App stand-in
 from tests.test_pipeline_run import (  # noqa: F401 - database is a fixture
     PLATFORMS,
     database,
@@ -306,23 +307,6 @@ def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespa
 
 
 # -- a worker restart adopts the Jobs in flight ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def key():
-    from tests.support import app_key
-
-    return app_key()
-
-
-@pytest.fixture
-def github(key):
-    from tests.e2e.test_reporting import APP_ID
-    from tests.support import github_app_standin
-
-    with github_app_standin(key, APP_ID) as standin:
-        yield standin
-        standin.assert_no_violations()
 
 
 def test_kill_9_mid_build_then_restart_adopts_the_jobs_and_reports(

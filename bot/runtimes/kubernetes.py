@@ -205,6 +205,7 @@ class KubernetesRuntime:
         self._platforms: dict[str, _Platform] = {}
         self._secret_lock = asyncio.Lock()
         self._registry_auth: str | None = None  # what REGISTRY_SECRET holds, as last written
+        self._written: dict[str, Credentials] = {}  # ... and the credentials in it
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class KubernetesRuntime:
                 "type": "kubernetes.io/dockerconfigjson",
                 "data": {".dockerconfigjson": _b64(config)},
             })
-            self._registry_auth = config
+            self._registry_auth, self._written = config, dict(creds)
             return True
 
     def job_secret(self, name: str, job: BuildJob) -> dict[str, Any]:
@@ -393,11 +394,15 @@ class KubernetesRuntime:
             await log(["imagebot: registry Secret updated for the next push attempt"])
 
         def ended(pod: dict[str, Any]) -> bool:
-            return any(t.attempt > state.seen for t in terminations(container_status(pod, "push")))
+            return (any(t.attempt > state.seen for t in terminations(container_status(pod, "push")))
+                    or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"))
 
         while True:
             pod = await self._until(state, ended, "a push attempt")
-            attempt = next(t for t in terminations(container_status(pod, "push")) if t.attempt > state.seen)
+            attempt = next((t for t in terminations(container_status(pod, "push")) if t.attempt > state.seen), None)
+            if attempt is None:  # the pod is over: no run will come again
+                raise RegistryError("unknown", f"the pod of {state.name} ended ({pod['status']['phase']}) "
+                                               "with no push run left to wait for")
             state.seen = attempt.attempt
             detail, used = split_auth_note(attempt.message)
             if attempt.exit_code == 0 or used is None or used == self._fingerprint():
@@ -412,17 +417,24 @@ class KubernetesRuntime:
         digest = attempt.message.strip()
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise RegistryError("unknown", f"the push step reported no digest: {sanitize(digest, secrets)}")
-        return Pushed(digest, await self._size(target, digest, credentials))
+        return Pushed(digest, await self._size(target, digest, credentials, log))
 
     def _fingerprint(self) -> str:
         """What the push script prints of the credentials it ran with."""
         return hashlib.sha256((self._registry_auth or "").encode()).hexdigest()
 
-    async def _size(self, target: str, digest: str, credentials: Credentials | None) -> int:
+    async def _size(self, target: str, digest: str, credentials: Credentials | None, log: LogSink) -> int:
+        """The pushed manifest's size, read from the registry with the newest credentials (the
+        push has succeeded: a failure to read its size must not make it an attempt to repeat,
+        since the pod will not push again)."""
         host, repository = split_image(target.rpartition(":")[0])
+        credentials = self._written.get(host, credentials)
         registry = RegistryClient(host, _Fixed(credentials) if credentials else None)
         try:
             return (await registry.describe(repository, digest, "")).size
+        except RegistryError as exc:
+            await log([f"imagebot: pushed, but the size of {digest} could not be read: {exc.kind}"])
+            return 0
         finally:
             await registry.aclose()
 
