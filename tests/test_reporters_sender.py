@@ -19,32 +19,13 @@ from bot.reporters.sender import Pace, Sender
 from bot.telemetry import Telemetry
 from bot.worker import BuildOutcome, _claim_up_to, _finish
 from tests.standins.gitlab import GitLabStandIn
-from tests.support import app_key, github_app_standin, make_settings, private_pem
+from tests.support import make_settings, private_pem
+from tests.test_reporters import APP_ID, TOKEN, github, key, running  # noqa: F401 - the App stand-in fixtures
 
-APP_ID = 31337
 INSTALLATION = 42
-TOKEN = "ghp_sender-test-token"
 GITLAB_TOKEN = "glpat-sender-test"
 PLATFORMS = ["linux/amd64", "linux/arm64"]
 DIGEST = {"linux/amd64": "sha256:" + "1" * 64, "linux/arm64": "sha256:" + "2" * 64}
-
-
-@pytest.fixture(scope="module")
-def key():
-    return app_key()
-
-
-@pytest.fixture(scope="module")
-def github_running(key):
-    with github_app_standin(key, APP_ID, tokens={TOKEN}) as standin:
-        yield standin
-
-
-@pytest.fixture
-def github(github_running):
-    github_running.reset()
-    yield github_running
-    github_running.assert_no_violations()
 
 
 @pytest.fixture(scope="module")
