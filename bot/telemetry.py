@@ -263,6 +263,14 @@ def events_of(conn: Connection, build_id: int) -> list[dict[str, Any]]:
     return [as_dict(row) for row in rows]
 
 
+def latest_attempt(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events from the last ``build_started`` on (all of them if there is none): a build
+    whose worker died starts again, and what the earlier attempt did is void. Every reader of a
+    build's telemetry (the API's results, the check run) counts only this."""
+    starts = [i for i, e in enumerate(events) if e["name"] == "build_started"]
+    return events[starts[-1]:] if starts else events
+
+
 # -- the in-process bus -----------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from bot.telemetry import latest_attempt
+
 Event = dict[str, Any]
 
 #: Per-platform status after each event about that platform.
@@ -31,12 +33,6 @@ _PLATFORM_STATUS = {
 #: Platform statuses that say nothing more will happen to the platform.
 _PLATFORM_FINAL = frozenset({"pushed", "failed"})
 _BUILD_ENDS = frozenset({"build_succeeded", "build_failed", "build_cancelled"})
-
-
-def latest_attempt(events: list[Event]) -> list[Event]:
-    """The events from the last ``build_started`` on (all of them if there is none)."""
-    starts = [i for i, e in enumerate(events) if e["name"] == "build_started"]
-    return events[starts[-1]:] if starts else events
 
 
 def platform_results(platforms: list[str], events: list[Event]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from bot.models import BuildStatus
+from bot.telemetry import latest_attempt
 
 #: GitHub's limit on ``output.summary`` and ``output.text``.
 TEXT_LIMIT = 65535
@@ -52,8 +53,7 @@ class Summary:
 def summarize(events: list[dict[str, Any]], platforms: list[str]) -> Summary:
     """Fold a build's telemetry events (in order) into per-platform results. Only the last
     attempt counts: a build whose worker died starts again with a new ``build_started``."""
-    starts = [i for i, e in enumerate(events) if e["name"] == "build_started"]
-    events = events[starts[-1]:] if starts else events
+    events = latest_attempt(events)
     results = {p: PlatformResult(p) for p in platforms}
     summary = Summary(results)
     for event in events:
