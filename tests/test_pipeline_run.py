@@ -73,7 +73,11 @@ def new_build(db: Database, server, repo, **kw) -> Build:
 
 def run(settings, db, build):
     async def go():
-        return await Pipeline(settings, Telemetry(db))(build)
+        pipeline = Pipeline(settings, Telemetry(db))
+        try:
+            return await pipeline(build)
+        finally:
+            await pipeline.aclose()
     return asyncio.run(go())
 
 
