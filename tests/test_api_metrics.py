@@ -11,7 +11,7 @@ from bot import queue
 from bot.app import create_app
 from tests.support import gitlab_payload, github_payload, make_settings, post_github, post_gitlab
 from tests.test_api_rest import record_all
-from tests.test_api_summary import AMD, ARM, events, whole_build
+from tests.test_summary import AMD, ARM, events, whole_build
 from tests.test_queue import LEASE, T0, enqueue, request
 
 

@@ -21,7 +21,7 @@ from bot.app import create_app
 from bot.db import Database
 from tests.support import make_settings
 from tests.test_api_rest import record_all
-from tests.test_api_summary import whole_build
+from tests.test_summary import whole_build
 from tests.test_queue import LEASE, T0, enqueue, request
 
 ADMIN_TOKEN = "schemathesis-admin"

@@ -129,7 +129,7 @@ def record_all(db, build_id: int, seen: list[dict]) -> None:
 
 
 def test_build_detail_has_per_platform_results_and_the_manifest_list(client, db, seeded):
-    from tests.test_api_summary import DIGEST, whole_build
+    from tests.test_summary import DIGEST, whole_build
 
     build_id = seeded[-1]
     record_all(db, build_id, whole_build())

@@ -13,7 +13,7 @@ import pytest
 from bot import telemetry
 from bot.models import utcnow
 from tests.test_api_rest import record_all
-from tests.test_api_summary import DIGEST, whole_build
+from tests.test_summary import DIGEST, whole_build
 from tests.test_queue import enqueue, request
 
 

@@ -92,6 +92,9 @@ class Forge:
                            source="credential_helper", changed=True)
             await emit(build_id, "push_succeeded", platform, duration_s=1.5, tag=tag, digest=DIGEST[platform],
                        size=2_500_000, attempts=1 + retries, retries=retries)
+        await emit(build_id, "manifest_started", tags=["registry.example/acme/app:main",
+                                                       "registry.example/acme/app:sha-aaaaaaa"],
+                   platforms=PLATFORMS, media_type="application/vnd.docker.distribution.manifest.list.v2+json")
         await emit(build_id, "manifest_published", digest="sha256:" + "3" * 64,
                    tags=["registry.example/acme/app:main", "registry.example/acme/app:sha-aaaaaaa"],
                    platforms=PLATFORMS, media_type="application/vnd.docker.distribution.manifest.list.v2+json",

@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from bot import telemetry
-from bot.api import summary
+from bot import summary
 from bot.api.rest import build_detail, build_id_of, build_json, build_row, page_of_builds, read
 from bot.api.stream import Position, current_position
 from bot.models import BuildStatus, build_logs, telemetry_events, utcnow

@@ -52,7 +52,9 @@ _PLATFORM_RESULT = _object({
     "status": {"enum": ["pending", "building", "built", "tagging", "tagged", "pushing", "pushed", "failed",
                         "stopped", "not_built"]},
     "image": _NULL_STR, "image_id": _NULL_STR, "tag": _NULL_STR, "digest": _NULL_STR, "size": _NULL_INT,
-    "push_attempts": _INT, "push_skipped": _NULL_STR, "credential_refreshes": _INT,
+    "push_attempts": _INT, "push_skipped": _NULL_STR, "retry_kinds": {"type": "array", "items": _STR},
+    "credential_refreshes": _INT,
+    "refresh_outcomes": {"type": "array", "items": {"enum": ["changed", "unchanged", "failed"]}},
     "build_duration_s": _NULL_NUM, "push_duration_s": _NULL_NUM, "error": _FAILURE,
 })
 _MANIFEST = {"oneOf": [{"type": "null"}, _object({

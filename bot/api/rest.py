@@ -3,7 +3,7 @@ manifest list), ``/api/builds/{id}/events``, ``/api/builds/{id}/log``, ``/api/re
 
 Lists are newest first with an opaque cursor (the last id seen), so paging stays correct while
 new builds arrive. What a build produced (digests, sizes, push attempts) is not stored twice:
-it is read from the build's telemetry by :mod:`bot.api.summary`, so the API cannot disagree with
+it is read from the build's telemetry by :mod:`bot.summary`, so the API cannot disagree with
 the events it returns. Every error is JSON with a reason.
 """
 
@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bot import telemetry
-from bot.api import summary
+from bot import summary
 from bot.models import BuildStatus, builds
 
 T = TypeVar("T")

@@ -9,10 +9,11 @@ limits are respected here, where the text is made: 65,535 characters for ``summa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from bot import summary
 from bot.models import BuildStatus
 from bot.telemetry import latest_attempt
 
@@ -26,86 +27,30 @@ RETRY_ACTION = {"label": "Retry", "description": "Build this commit again", "ide
 
 
 @dataclass
-class PlatformResult:
-    """What the telemetry says about one platform's image."""
-
-    platform: str
-    state: str = "pending"  # pending, building, built, pushed, failed, not pushed
-    tags: list[str] = field(default_factory=list)
-    digest: str | None = None
-    size: int | None = None
-    push_attempts: int = 0
-    retry_kinds: list[str] = field(default_factory=list)
-    refreshes: list[str] = field(default_factory=list)  # outcome per credential refresh
-    duration_s: float = 0.0
-    failure: str | None = None
-
-
-@dataclass
 class Summary:
-    platforms: dict[str, PlatformResult]
-    manifest: dict[str, Any] | None = None
-    manifest_retries: list[str] = field(default_factory=list)
-    failure: dict[str, Any] | None = None  # the build_failed event's data
-    duration_s: float | None = None
+    """What the check run shows of a build's last attempt (from bot.summary, the API's reading)."""
+
+    platforms: list[dict[str, Any]]
+    manifest: dict[str, Any] | None
+    failure: dict[str, Any] | None  # the build_failed event's data
+    duration_s: float | None
 
 
 def summarize(events: list[dict[str, Any]], platforms: list[str]) -> Summary:
-    """Fold a build's telemetry events (in order) into per-platform results. Only the last
-    attempt counts: a build whose worker died starts again with a new ``build_started``."""
-    events = latest_attempt(events)
-    results = {p: PlatformResult(p) for p in platforms}
-    summary = Summary(results)
-    for event in events:
-        name, data = event["name"], event["data"]
-        result = results.setdefault(event["platform"], PlatformResult(event["platform"])) \
-            if event["platform"] else None
-        if result is not None:
-            _fold_platform(result, name, data)
-        elif name == "manifest_published":
-            summary.manifest = data
-        elif name == "manifest_retry":
-            summary.manifest_retries.append(data["kind"])
-        elif name == "build_failed":
-            summary.failure = data
-        if name in ("build_succeeded", "build_failed", "build_cancelled"):
-            summary.duration_s = data["duration_s"]
-    return summary
-
-
-def _fold_platform(result: PlatformResult, name: str, data: dict[str, Any]) -> None:
-    match name:
-        case "build_platform_started":
-            result.state = "building"
-        case "build_platform_succeeded":
-            result.state, result.duration_s = "built", result.duration_s + data["duration_s"]
-        case "build_platform_failed":
-            result.state, result.failure = "failed", f"build: {data['message']}"
-            result.duration_s += data["duration_s"]
-        case "tag_succeeded":
-            result.tags.append(data["tag"])
-        case "tag_failed":
-            result.state, result.failure = "failed", f"tag {data['kind']}: {data['message']}"
-        case "push_skipped":
-            result.state = "not pushed"
-        case "push_retry":
-            result.retry_kinds.append(data["kind"])
-        case "push_succeeded":
-            result.state, result.digest, result.size = "pushed", data["digest"], data["size"]
-            result.push_attempts = max(result.push_attempts, data["attempts"])
-            result.duration_s += data["duration_s"]
-        case "push_failed":
-            result.state, result.failure = "failed", f"push {data['kind']}: {data['detail']}"
-            result.push_attempts = max(result.push_attempts, data["attempts"])
-        case "auth_refresh_succeeded":
-            result.refreshes.append("succeeded" + (" (new credentials)" if data["changed"] else ""))
-        case "auth_refresh_failed":
-            result.refreshes.append(f"failed ({data['kind']})")
+    """The build's telemetry as the API and the dashboard read it, plus how it ended."""
+    last = latest_attempt(events)
+    end = next((e for e in reversed(last) if e["name"] in ("build_succeeded", "build_failed", "build_cancelled")),
+               None)
+    return Summary(
+        summary.platform_results(platforms, last), summary.manifest_result(last),
+        end["data"] if end and end["name"] == "build_failed" else None,
+        end["data"]["duration_s"] if end else None,
+    )
 
 
 # -- Markdown -------------------------------------------------------------------------------------
 
-_ICONS = {"pushed": "✅", "built": "✅", "not pushed": "✅", "failed": "❌", "building": "⏳", "pending": "⏳"}
+_ICONS = {"pushed": "✅", "built": "✅", "failed": "❌", "stopped": "⏹", "not_built": "⏹"}
 
 
 def _cell(text: str) -> str:
@@ -130,43 +75,49 @@ def _counted(kinds: list[str]) -> str:
     return f"{len(kinds)} (" + ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items()) + ")"
 
 
-def _platform_row(r: PlatformResult) -> str:
-    tags = "<br>".join(f"`{_cell(t)}`" for t in r.tags) or "—"
-    digest = f"`{r.digest}`" if r.digest else "—"
+_REFRESHED = {"changed": "succeeded (new credentials)", "unchanged": "succeeded", "failed": "failed"}
+
+
+def _platform_row(r: dict[str, Any]) -> str:
+    state = "not pushed" if r["push_skipped"] else r["status"].replace("_", " ")
+    duration = (r["build_duration_s"] or 0) + (r["push_duration_s"] or 0)
     cells = [
-        f"`{r.platform}`", f"{_ICONS.get(r.state, '')} {r.state}", tags, digest, _size(r.size),
-        str(r.push_attempts or "—"), _counted(r.retry_kinds), ", ".join(r.refreshes) or "—",
-        f"{r.duration_s:.1f} s" if r.duration_s else "—",
+        f"`{r['platform']}`", f"{_ICONS.get(r['status'], '⏳')} {state}",
+        f"`{_cell(r['tag'])}`" if r["tag"] else "—", f"`{r['digest']}`" if r["digest"] else "—",
+        _size(r["size"]), str(r["push_attempts"] or "—"), _counted(r["retry_kinds"]),
+        ", ".join(_REFRESHED[o] for o in r["refresh_outcomes"]) or "—",
+        f"{duration:.1f} s" if duration else "—",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def summary_markdown(summary: Summary, build_url: str, head: str) -> str:
+def summary_markdown(built: Summary, build_url: str, head: str) -> str:
     """The check run's ``output.summary``."""
     lines = [
         head, "",
-        "| Platform | Result | Tags | Digest | Size | Push attempts | Retries | Credential refreshes | Duration |",
+        "| Platform | Result | Tag | Digest | Size | Push attempts | Retries | Credential refreshes | Duration |",
         "| --- | --- | --- | --- | ---: | ---: | --- | --- | ---: |",
-        *(_platform_row(r) for r in summary.platforms.values()),
+        *(_platform_row(r) for r in built.platforms),
         "",
     ]
-    if summary.manifest:
-        m = summary.manifest
+    if built.manifest and built.manifest["status"] == "published":
+        m = built.manifest
         kind = "OCI image index" if "oci" in m["media_type"] else "Manifest list"
         lines.append(f"**{kind}** `{m['digest']}` over {', '.join(m['platforms'])}"
                      + (" (partial)" if m["partial"] else ""))
         lines += [f"- `{_cell(tag)}`" for tag in m["tags"]] + [""]
-    if summary.manifest_retries:
-        lines += [f"Manifest retries: {_counted(summary.manifest_retries)}", ""]
-    if summary.failure:
-        f = summary.failure
+    if built.manifest and built.manifest["retries"]:
+        lines += [f"Manifest retries: {built.manifest['retries']}", ""]
+    if built.failure:
+        f = built.failure
         lines += [f"**Failed** at step `{f.get('step') or 'unknown'}`, error kind `{f['error_kind']}`", "",
                   "```", _fence_safe(f["error_message"]), "```", ""]
-    for r in summary.platforms.values():
-        if r.failure:
-            lines.append(f"- `{r.platform}`: {_cell(r.failure)}")
-    if summary.duration_s is not None:
-        lines.append(f"\nTook {summary.duration_s:.1f} s.")
+    for r in built.platforms:
+        if r["error"]:
+            e = r["error"]
+            lines.append(f"- `{r['platform']}`: " + _cell(f"{e['step']} {e['kind']}: {e['message']}"))
+    if built.duration_s is not None:
+        lines.append(f"\nTook {built.duration_s:.1f} s.")
     lines.append(f"\n[Build page]({build_url})")
     return _fit("\n".join(lines))
 
@@ -238,7 +189,7 @@ def check_run_body(build: BuildFacts, reported: str, title: str, events: list[di
     The check run's state comes from the report, the output from the telemetry as it is now,
     so a late interim update never shows less than an earlier one.
     """
-    summary = summarize(events, build.platforms)
+    built = summarize(events, build.platforms)
     body: dict[str, Any] = {"details_url": build_url, "external_id": str(build.id)}
     if reported == BuildStatus.queued.value:
         body["status"] = "queued"
@@ -256,7 +207,7 @@ def check_run_body(build: BuildFacts, reported: str, title: str, events: list[di
             body["actions"] = [RETRY_ACTION]
     head = f"**{title}**" + (f"\n\n{build.error_message}" if reported == BuildStatus.skipped.value
                              and build.error_message else "")
-    body["output"] = {"title": title[:255], "summary": summary_markdown(summary, build_url, head)}
+    body["output"] = {"title": title[:255], "summary": summary_markdown(built, build_url, head)}
     text = log_text(log)
     if text:
         body["output"]["text"] = text

@@ -1,10 +1,10 @@
-"""What a build's events add up to (bot.api.summary): pure, so no database here."""
+"""What a build's events add up to (bot.summary): pure, so no database here."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from bot.api import summary
+from bot import summary
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 AMD, ARM = "linux/amd64", "linux/arm64"

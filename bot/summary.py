@@ -68,6 +68,7 @@ def platform_results(platforms: list[str], events: list[Event]) -> list[dict[str
             result["push_skipped"] = data["reason"]
         elif name == "push_retry":
             result["push_attempts"] = data["attempt"] + 1
+            result["retry_kinds"].append(data["kind"])
         elif name == "push_succeeded":
             result.update(tag=data["tag"], digest=data["digest"], size=data["size"],
                           push_attempts=data["attempts"], push_duration_s=data["duration_s"])
@@ -76,6 +77,8 @@ def platform_results(platforms: list[str], events: list[Event]) -> list[dict[str
             result["error"] = {"step": "push", "kind": data["kind"], "message": data["detail"]}
         elif name in ("auth_refresh_succeeded", "auth_refresh_failed"):
             result["credential_refreshes"] += 1
+            result["refresh_outcomes"].append("failed" if name == "auth_refresh_failed"
+                                              else "changed" if data["changed"] else "unchanged")
     for result in results.values():
         if ended and result["status"] not in _PLATFORM_FINAL and result["push_skipped"] is None:
             result["status"] = "stopped" if result["status"] != "pending" else "not_built"
@@ -85,8 +88,8 @@ def platform_results(platforms: list[str], events: list[Event]) -> list[dict[str
 def _empty_result(platform: str) -> dict[str, Any]:
     return {
         "platform": platform, "status": "pending", "image": None, "image_id": None, "tag": None,
-        "digest": None, "size": None, "push_attempts": 0, "push_skipped": None,
-        "credential_refreshes": 0, "build_duration_s": None, "push_duration_s": None,
+        "digest": None, "size": None, "push_attempts": 0, "push_skipped": None, "retry_kinds": [],
+        "credential_refreshes": 0, "refresh_outcomes": [], "build_duration_s": None, "push_duration_s": None,
         "error": None,
     }
 
