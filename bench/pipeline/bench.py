@@ -595,26 +595,41 @@ class Bench:
         run.steps["exit"] = ended - float(spans[-1][2])
         run.steps["between steps"] = run.wall - sum(run.steps.values())
 
-    def imagebot(self, run: Run, url: str) -> None:
-        log = self.work / f"imagebot-{run.rep}-{run.case}.log"
+    def cli_build(self, run: Run, url: str, env: dict[str, str], log: Path) -> tuple[int, float, float]:
+        """``imagebot build`` of the run's commit: exit code, launch and end (epoch seconds)."""
         launched = time.time()
         rc, run.wall = run_bounded(
             [str(ROOT / ".venv/bin/imagebot"), "build", url, run.sha, "--platform", ",".join(PLATFORMS)],
-            timeout=self.args.timeout, env=self.bot_env(run.namespace), cwd=self.work, log=log)
-        ended = launched + run.wall
+            timeout=self.args.timeout, env=env, cwd=self.work, log=log)
+        return rc, launched, launched + run.wall
+
+    @staticmethod
+    def cli_build_id(run: Run, rc: int, log: Path) -> tuple[int | None, str]:
+        """The build id the CLI printed (None, with ``run.error`` set, if it printed none) and
+        its whole output."""
         out = "\n".join(text for _, text in read_log(log))
         match = re.search(r"^build (\d+): ", out, re.M)
         if not match:
             run.error = f"exit {rc}, no build id: {out[-300:]}"
-            return
-        build_id = int(match.group(1))
-        first = self.telemetry(run, self.db, build_id)
+            return None, out
+        return int(match.group(1)), out
+
+    def cli_steps(self, run: Run, rc: int, out: str, first: dict, launched: float, ended: float) -> bool:
+        """Start-up, pipeline and exit steps of a CLI run; False (``run.error`` set) if it failed."""
         if rc != 0:
             run.error = f"exit {rc}: {' / '.join(out.strip().splitlines()[-2:])}"
-            return
+            return False
         run.steps["start-up"] = first[("build_started", None)][0] - launched
         self.pipeline_steps(run, first)
         run.steps["exit"] = ended - first[("build_succeeded", None)][0]
+        return True
+
+    def imagebot(self, run: Run, url: str) -> None:
+        log = self.work / f"imagebot-{run.rep}-{run.case}.log"
+        rc, launched, ended = self.cli_build(run, url, self.bot_env(run.namespace), log)
+        build_id, out = self.cli_build_id(run, rc, log)
+        if build_id is not None:
+            self.cli_steps(run, rc, out, self.telemetry(run, self.db, build_id), launched, ended)
 
     def kube_env(self, namespace: str) -> dict[str, str]:
         """The CLI's environment plus the Kubernetes runtime's settings (those of the tests'
@@ -638,21 +653,14 @@ class Bench:
         assert self.kube is not None
         log = self.work / f"kube-{run.rep}-{run.case}.log"
         with PodWatch(self.kube, self.kube_ns) as watch:
-            launched = time.time()
-            rc, run.wall = run_bounded(
-                [str(ROOT / ".venv/bin/imagebot"), "build", url, run.sha, "--platform", ",".join(PLATFORMS)],
-                timeout=self.args.timeout, env=self.kube_env(run.namespace), cwd=self.work, log=log)
-            ended = launched + run.wall
+            rc, launched, ended = self.cli_build(run, url, self.kube_env(run.namespace), log)
         (self.work / f"kube-{run.rep}-{run.case}-pods.json").write_text(json.dumps(
             {"events": watch.events, "logs": watch.logs, "platform": watch.platform}, indent=1))
         if rc != 0:
             self.kube.delete_jobs(self.kube_ns)  # a killed CLI leaves its Jobs running
-        out = "\n".join(text for _, text in read_log(log))
-        match = re.search(r"^build (\d+): ", out, re.M)
-        if not match:
-            run.error = f"exit {rc}, no build id: {out[-300:]}"
+        build_id, out = self.cli_build_id(run, rc, log)
+        if build_id is None:
             return
-        build_id = int(match.group(1))
         first = self.telemetry(run, self.db, build_id)
         conn = sqlite3.connect(self.db)
         try:
@@ -662,12 +670,8 @@ class Bench:
             conn.close()
         run.stats = kube_stats(logged)
         run.phases = {}
-        if rc != 0:
-            run.error = f"exit {rc}: {' / '.join(out.strip().splitlines()[-2:])}"
+        if not self.cli_steps(run, rc, out, first, launched, ended):
             return
-        run.steps["start-up"] = first[("build_started", None)][0] - launched
-        self.pipeline_steps(run, first)
-        run.steps["exit"] = ended - first[("build_succeeded", None)][0]
         for p in PLATFORMS:
             slug = p.replace("/", "-")
             pods = [name for name, s in watch.platform.items() if s == slug]
