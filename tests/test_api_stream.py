@@ -291,7 +291,8 @@ def test_all_events_resumes_across_builds(served, db):
     with SSEClient(f"{served}/api/events?logs=1") as first:
         store(db, build_id, "build_started", None, attempt=1)
         got = first.until(lambda m: m.event == "status")
-    (later,) = enqueue(db, request(ref="refs/heads/later"))
+    # created now: a resume looks for builds changed since (shortly before) what was sent last
+    (later,) = enqueue(db, request(ref="refs/heads/later"), at=utcnow())
     missed = [store(db, later), store(db, build_id)]
     store_lines(db, later, "missed line")
     with SSEClient(f"{served}/api/events?logs=1", {"Last-Event-ID": got[-1].id}) as second:

@@ -22,11 +22,12 @@ def request(ref: str = "refs/heads/main", sha: str = "a" * 40, **kw) -> queue.Bu
     )
 
 
-def enqueue(db: Database, *reqs: queue.BuildRequest) -> list[int]:
+def enqueue(db: Database, *reqs: queue.BuildRequest, at: datetime = T0) -> list[int]:
+    """Record a delivery per request, received ``at`` (T0 unless a test needs the wall clock)."""
     ids = []
     for n, req in enumerate(reqs):
         info = queue.DeliveryInfo("github", f"d{len(ids)}-{n}-{req.ref}-{req.sha}", "push", None, "acme/app")
-        ids.append(db.write_sync(lambda c: queue.record_delivery(c, info, req, ["linux/amd64"], T0)).build_id)
+        ids.append(db.write_sync(lambda c: queue.record_delivery(c, info, req, ["linux/amd64"], at)).build_id)
     return ids
 
 
