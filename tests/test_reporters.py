@@ -178,3 +178,51 @@ def test_faults_are_classified_with_their_hints(github, inject, kind, retry_afte
 def test_no_credentials_is_a_clear_error(github):
     with pytest.raises(GitHubError, match="no GitHub credentials"):
         post(GitHubClient(make_settings(github_api_url=github.url)))
+
+
+def test_find_check_run_reads_every_page_and_matches_name_app_and_external_id(github, key):
+    """A create whose answer was lost is found again: across GitHub's pages (100 a page), only
+    this App's run of this name and build, never another commit's or another name's."""
+    settings = make_settings(github_api_url=github.url, github_app_id=APP_ID, github_private_key=private_pem(key))
+    other_sha = "f" * 40
+
+    async def go():
+        client = GitHubClient(settings)
+        try:
+            async def create(name: str, external_id: str, sha: str = SHA) -> dict:
+                body = {"name": name, "head_sha": sha, "external_id": external_id, "status": "queued"}
+                return await client.create_check_run("Codertocat/Hello-World", body, 42)
+
+            wanted = await create("imagebot", "7")
+            await create("imagebot (pull_request)", "8")  # another context of the same commit
+            await create("imagebot", "8", other_sha)  # this name on another commit
+            await asyncio.gather(*(create("imagebot", str(1000 + n)) for n in range(120)))  # later builds
+            found = await client.find_check_run("Codertocat/Hello-World", SHA, "imagebot", "7", 42)
+            missing = await client.find_check_run("Codertocat/Hello-World", SHA, "imagebot", "8", 42)
+            return wanted, found, missing
+        finally:
+            await client.aclose()
+
+    wanted, found, missing = asyncio.run(go())
+    assert found is not None and found["id"] == wanted["id"] and missing is None
+    lists = [r for r in github.requests if r.operation_id == "checks/list-for-ref"]
+    # newest first: build 7's run is on the second page of the first search; the second search reads both
+    assert [r.status for r in lists] == [200, 200, 200, 200]
+    assert f"app_id={APP_ID}" in lists[0].query and "check_name=imagebot" in lists[0].query
+    assert "filter=all" in lists[0].query and "page=2" in lists[1].query
+
+
+def test_find_check_run_faults_are_classified(github, key):
+    settings = make_settings(github_api_url=github.url, github_app_id=APP_ID, github_private_key=private_pem(key))
+    github.server_error(502, path_regex="/check-runs")
+
+    async def go():
+        client = GitHubClient(settings)
+        try:
+            return await client.find_check_run("Codertocat/Hello-World", SHA, "imagebot", "7", 42)
+        finally:
+            await client.aclose()
+
+    with pytest.raises(GitHubError) as exc:
+        asyncio.run(go())
+    assert exc.value.kind == "server" and exc.value.retryable

@@ -259,6 +259,37 @@ def test_faults_and_a_restart_deliver_every_report_in_order_once(db, github, key
     assert all(r.state == ReportState.sent for r in report_rows(db))
 
 
+def test_a_check_run_created_before_its_answer_was_lost_is_updated_not_made_again(db, github, key):
+    """GitHub made the run but the bot never heard (a 502 after the fact; a crash between the
+    create and storing its id ends the same way): the retry finds it by external id."""
+    github.lost_answer(502, method="POST", path_regex="/check-runs$")
+    forge = Forge(db)
+    settings = app_settings(db, github, key)
+
+    async def go():
+        sender = Sender(db, settings)
+        sending = asyncio.create_task(sender.run())
+        build_id = forge.queue()
+        await until_sent(db)
+        build = forge.start(build_id)
+        await forge.emit_two_platform_success(build_id)
+        forge.finish(build, BuildOutcome(BuildStatus.succeeded, platforms=tuple(PLATFORMS)))
+        await until_sent(db)
+        sender.stop()
+        await sending
+        return build_id
+
+    build_id = asyncio.run(go())
+    (run,) = github.check_runs.values()
+    assert (run["external_id"], run["status"], run["conclusion"]) == (str(build_id), "completed", "success")
+    assert db.read_sync(lambda c: c.execute(select(builds.c.check_run_id).where(builds.c.id == build_id))
+                        .scalar_one()) == run["id"]
+    calls = [r.operation_id for r in github.requests if r.operation_id != "apps/create-installation-access-token"]
+    assert calls.count("checks/create") == 1 and calls.count("checks/list-for-ref") == 1
+    # looked up after the lost answer, before the first update
+    assert calls.index("checks/create") < calls.index("checks/list-for-ref") < calls.index("checks/update")
+
+
 def test_a_refused_report_is_dropped_and_does_not_block_the_next(db, github, key):
     github.inject("POST", "/statuses/", 422, count=1, body={"message": "Validation Failed"})
     forge = Forge(db)

@@ -307,6 +307,72 @@ def test_check_run_at_the_limits_is_accepted(github: GitHubStandIn, client: http
     assert more.json()["output"]["annotations_count"] == 100  # updates append annotations
 
 
+def test_check_runs_of_a_commit_are_listed_filtered_and_paged(
+    github: GitHubStandIn, client: httpx.Client, wire_checked: list[tuple[str, str, int]]
+) -> None:
+    made = [client.post(CHECK_RUNS_PATH, json={"name": name, "head_sha": sha, "external_id": str(n)}).json()
+            for n, (name, sha) in enumerate([("build", SHA), ("lint", SHA), ("build", SHA), ("build", SHA),
+                                             ("build", "0" * 40)])]
+    client.patch(f"{CHECK_RUNS_PATH}/{made[2]['id']}", json={"conclusion": "success"})
+    path = f"/repos/{OWNER}/{REPO}/commits/{SHA}/check-runs"
+
+    def ids(**query: Any) -> list[int]:
+        response = client.get(path, params=query)
+        assert response.status_code == 200 and response.json()["total_count"] >= len(response.json()["check_runs"])
+        return [run["id"] for run in response.json()["check_runs"]]
+
+    newest_first = [made[3]["id"], made[2]["id"], made[0]["id"]]
+    assert ids() == [made[3]["id"], made[1]["id"]]  # filter=latest: the newest of each name
+    assert ids(check_name="build", filter="all") == newest_first
+    assert ids(check_name="build", filter="all", status="completed") == [made[2]["id"]]
+    assert ids(filter="all", app_id=APP_ID + 1) == []
+    first = client.get(path, params={"check_name": "build", "filter": "all", "per_page": 2})
+    assert [r["id"] for r in first.json()["check_runs"]] == newest_first[:2] and first.json()["total_count"] == 3
+    links = dict((rel, url) for url, rel in re.findall(r'<([^>]+)>; rel="(\w+)"', first.headers["link"]))
+    assert set(links) == {"next", "last"} and links["next"] == links["last"]
+    second = client.get(links["next"])
+    assert [r["id"] for r in second.json()["check_runs"]] == newest_first[2:]
+    assert ("GET", path, 200) in wire_checked
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ({"filter": "newest"}, "filter: 'newest' is not one of ['latest', 'all']"),
+        ({"checkname": "build"}, "checkname: not a documented parameter of checks/list-for-ref"),
+        ({"per_page": "many"}, "per_page: 'many' is not of type 'integer'"),
+    ],
+)
+def test_undocumented_list_query_is_422_and_recorded(
+    github: GitHubStandIn, client: httpx.Client, query: dict[str, str], problem: str
+) -> None:
+    response = client.get(f"/repos/{OWNER}/{REPO}/commits/{SHA}/check-runs", params=query)
+    assert response.status_code == 422 and problem in response.json()["message"]
+    (violation,) = github.violations
+    assert violation.kind == "invalid-query" and violation.details == (problem,)
+    github.violations.clear()
+
+
+def test_listing_needs_read_permission_only(
+    github: GitHubStandIn, client: httpx.Client, app_key: rsa.RSAPrivateKey
+) -> None:
+    reader = client.post("/app/installations/77/access_tokens", json={"permissions": {"checks": "read"}},
+                         headers={"authorization": f"Bearer {app_jwt(app_key)}"}).json()["token"]
+    as_reader = {"authorization": f"token {reader}"}
+    listed = client.get(f"/repos/{OWNER}/{REPO}/commits/{SHA}/check-runs", headers=as_reader)
+    created = client.post(CHECK_RUNS_PATH, json={"name": "build", "head_sha": SHA}, headers=as_reader)
+    assert listed.status_code == 200 and listed.json() == {"total_count": 0, "check_runs": []}
+    assert created.status_code == 403
+
+
+def test_a_lost_answer_still_takes_effect(github: GitHubStandIn, client: httpx.Client) -> None:
+    github.lost_answer(502, method="POST", path_regex="/check-runs$")
+    response = client.post(CHECK_RUNS_PATH, json={"name": "build", "head_sha": SHA, "external_id": "9"})
+    assert response.status_code == 502 and response.json() == {"message": "Server Error"}
+    (run,) = github.check_runs.values()
+    assert run["external_id"] == "9" and github.requests[-1].faulted
+
+
 # --------------------------------------------------------------------------- undocumented calls
 
 

@@ -125,13 +125,40 @@ class GitHubClient:
         """PATCH /repos/{owner}/{repo}/check-runs/{check_run_id} (App mode only)."""
         return await self._call("PATCH", f"/repos/{repo}/check-runs/{check_run_id}", body, installation_id)
 
+    async def find_check_run(self, repo: str, sha: str, name: str, external_id: str,
+                             installation_id: int | None) -> dict[str, Any] | None:
+        """This App's check run ``name`` on ``sha`` with ``external_id``, if GitHub has one.
+
+        GET /repos/{owner}/{repo}/commits/{sha}/check-runs, every page (gidgethub follows the
+        ``Link`` header). A create whose answer was lost (a crash, a timeout, a 502 after the
+        fact) may still have made the run; looking first keeps a retry from making a second.
+        """
+        url = f"/repos/{repo}/commits/{sha}/check-runs{{?check_name,filter,app_id,per_page}}"
+        query = {"check_name": name, "filter": "all", "app_id": str(self.settings.github_app_id),
+                 "per_page": "100"}
+
+        async def first(api: _API, token: str) -> dict[str, Any] | None:
+            async for run in api.getiter(url, query, oauth_token=token, iterable_key="check_runs"):
+                if run.get("external_id") == external_id:
+                    return run
+            return None
+
+        return await self._with_token(installation_id, first)
+
     async def _call(self, method: str, url: str, body: dict[str, Any],
                     installation_id: int | None) -> dict[str, Any]:
+        async def send(api: _API, token: str) -> dict[str, Any]:
+            request = api.post if method == "POST" else api.patch
+            return await request(url, data=body, oauth_token=token)
+
+        return await self._with_token(installation_id, send)
+
+    async def _with_token(self, installation_id: int | None, work):
+        """``work(api, token)``, with GitHub's refusals and network faults as ReportErrors."""
         token = await self.token(installation_id)
         api = self._api()
-        send = api.post if method == "POST" else api.patch
         try:
-            return await send(url, data=body, oauth_token=token)
+            return await work(api, token)
         except GitHubException as exc:
             error = self._error(exc, api)
             if error.kind == "auth":

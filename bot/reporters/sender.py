@@ -283,14 +283,27 @@ class Sender:
                            build.finished_at, build.error_message)
         url = f"{self.settings.public_url}/builds/{build.id}"
         body = check_run_body(facts, report.status, title, rendered.events, rendered.log, url)
-        await self._put_check_run(build, body)
+        await self._put_check_run(build, body, maybe_created=report.attempts > 1)
         if status.final:
             self._last_interim.pop(build.id, None)  # nothing interim follows an end
         else:
             self._last_interim[build.id] = time.monotonic()
 
-    async def _put_check_run(self, build: Build, body: dict[str, Any]) -> None:
-        """Update the build's check run, or create it (again, if GitHub lost it)."""
+    async def _put_check_run(self, build: Build, body: dict[str, Any], maybe_created: bool) -> None:
+        """Update the build's check run, or create it (again, if GitHub lost it).
+
+        ``maybe_created``: an earlier attempt at this report may have created the run without
+        living to store its id (a crash, a timeout, an answer lost on the way); GitHub is asked
+        first, by the run's ``external_id`` (the build id), so the build gets one run, not two.
+        """
+        if build.check_run_id is None and maybe_created:
+            found = await self.github.find_check_run(build.repo, build.sha, context_for(self.settings, build),
+                                                     str(build.id), build.installation_id)
+            if found is not None:
+                log.info("check run %s of build %s was created by an earlier attempt; updating it",
+                         found["id"], build.id)
+                await self.db.write(lambda conn: outbox.set_check_run(conn, build.id, found["id"]))
+                build.check_run_id = found["id"]
         if build.check_run_id is not None:
             try:
                 await self.github.update_check_run(build.repo, build.check_run_id, body, build.installation_id)

@@ -176,6 +176,9 @@ class Fault:
     headers: dict[str, str]
     body: Any
     delay: float = 0.0
+    #: Handle the request first (its effects stay), then answer with the fault: the forge did
+    #: it, but the answer was lost on the way.
+    handled: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         return (

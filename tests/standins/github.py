@@ -1,13 +1,14 @@
 """A stand-in for the slice of GitHub's REST API that imagebot calls.
 
 Tests cannot reach GitHub, and a mock that accepts anything would let the bot drift away from
-the real contract unnoticed.  This stand-in serves the four operations of
+the real contract unnoticed.  This stand-in serves the five operations of
 ``tests/data/github/api-subset.json`` (cut from GitHub's own OpenAPI description) over a real
 TCP socket, so the bot's real HTTP stack (gidgethub + httpx) is exercised, and it holds *both*
 sides to that description:
 
-* every request body is validated against the operation's request schema; a bad body gets
-  GitHub's 422 and is recorded in :attr:`GitHubStandIn.violations`;
+* every request body is validated against the operation's request schema, and every query
+  parameter against its documented schema; a bad body or parameter gets GitHub's 422 and is
+  recorded in :attr:`GitHubStandIn.violations`;
 * every response is validated against the documented response schema before it is sent; a
   mismatch is a bug in the stand-in and turns into a loud 500 plus a recorded violation.
 
@@ -61,6 +62,7 @@ DOCS = {
     "repos/create-commit-status": f"{DOCS_ROOT}/commits/statuses#create-a-commit-status",
     "checks/create": f"{DOCS_ROOT}/checks/runs#create-a-check-run",
     "checks/update": f"{DOCS_ROOT}/checks/runs#update-a-check-run",
+    "checks/list-for-ref": f"{DOCS_ROOT}/checks/runs#list-check-runs-for-a-git-reference",
     "apps/create-installation-access-token":
         f"{DOCS_ROOT}/apps/apps#create-an-installation-access-token-for-an-app",
 }
@@ -74,10 +76,14 @@ SECONDARY_RATE_LIMIT_MESSAGE = (
 # Which installation-token permission each repository operation needs (GitHub answers 403
 # "Resource not accessible by integration" otherwise).
 REQUIRED_PERMISSION = {
-    "repos/create-commit-status": "statuses",
-    "checks/create": "checks",
-    "checks/update": "checks",
+    "repos/create-commit-status": ("statuses", "write"),
+    "checks/create": ("checks", "write"),
+    "checks/update": ("checks", "write"),
+    "checks/list-for-ref": ("checks", "read"),
 }
+PERMISSION_RANK = {"read": 1, "write": 2, "admin": 3}
+# GitHub's page size cap for list endpoints.
+MAX_PER_PAGE = 100
 DEFAULT_APP_PERMISSIONS = {"checks": "write", "statuses": "write", "metadata": "read", "contents": "read"}
 # Real ids have long passed 2**31; starting above it catches ids squeezed into 32-bit columns.
 FIRST_ID = 2**31 + 1
@@ -150,6 +156,7 @@ class Operation:
     operation_id: str
     request: Draft4Validator | None
     responses: dict[int, Draft4Validator | None]
+    query: dict[str, Draft4Validator] = field(default_factory=dict)  # documented query parameters
 
     @property
     def docs(self) -> str:
@@ -167,6 +174,7 @@ def load_operations(path: Path = SCHEMA_FILE) -> dict[str, Operation]:
             operation_id=spec["operationId"],
             request=_validator(spec["request"]),
             responses={int(code): _validator(schema) for code, schema in spec["responses"].items()},
+            query={name: _validator(schema) for name, schema in spec.get("parameters", {}).items()},
         )
     return operations
 
@@ -245,10 +253,12 @@ class RecordedRequest:
     status: int | None = None
     response: Any = None
     faulted: bool = False
+    query: str = ""  # the raw query string
 
 
 # Violations (tests.standins._shared.Violation) recorded here: A breach of the documented contract: the bot (or the stand-in) did something GitHub wouldn't accept.
-# Kinds: unknown-route | invalid-json | invalid-body | unknown-check-run | standin-bug
+# Kinds: unknown-route | invalid-json | invalid-body | invalid-query | unknown-check-run |
+# standin-limit (a request GitHub would answer that this stand-in cannot) | standin-bug
 
 
 @dataclass
@@ -295,7 +305,7 @@ def _basic_error(message: str, status: int, docs: str = DOCS_ROOT) -> dict[str, 
 
 
 class GitHubStandIn(ForgeStandIn):
-    """GitHub's REST API for imagebot's four operations, on 127.0.0.1 in a background thread.
+    """GitHub's REST API for imagebot's five operations, on 127.0.0.1 in a background thread.
 
     ``tokens`` are accepted as ``Authorization: token X`` or ``Bearer X`` on repository
     endpoints.  With ``app_id`` and ``public_key`` (PEM) the installation-token endpoint accepts
@@ -342,10 +352,12 @@ class GitHubStandIn(ForgeStandIn):
         self.annotations: dict[int, list[dict[str, Any]]] = {}
         self.installation_tokens: dict[str, InstallationToken] = {}
 
-        self._handlers: dict[str, Callable[[dict[str, str], Any, Any, str], _Reply]] = {
+        # handlers take (path and query parameters, body, caller, base URL)
+        self._handlers: dict[str, Callable[[dict[str, Any], Any, Any, str], _Reply]] = {
             "repos/create-commit-status": self._create_status,
             "checks/create": self._create_check_run,
             "checks/update": self._update_check_run,
+            "checks/list-for-ref": self._list_check_runs,
             "apps/create-installation-access-token": self._create_installation_token,
         }
         if set(self._handlers) != set(self.operations):
@@ -410,21 +422,29 @@ class GitHubStandIn(ForgeStandIn):
         body: Any = None,
         *,
         delay: float = 0.0,
+        handled: bool = False,
     ) -> Fault:
         """Answer the next ``count`` requests matching ``method`` (``"*"`` = any) and
         ``path_regex`` (``re.search`` on the path) with ``status`` instead of handling them.
 
         ``body`` may be JSON-able, ``str`` or ``bytes``; by default it is ``{"message": <reason>}``.
-        Faulted requests are recorded with ``faulted=True`` and leave no state behind.
+        Faulted requests are recorded with ``faulted=True`` and leave no state behind, unless
+        ``handled``: then the request is handled first and only its answer is replaced (GitHub
+        did it, the answer was lost: a 502 from a proxy, a connection cut).
         """
         fault = Fault(
             method=method.upper(), path_regex=re.compile(path_regex), status=status, remaining=count,
             headers={k.lower(): v for k, v in (headers or {}).items()},
             body={"message": HTTPStatus(status).phrase} if body is None else body, delay=delay,
+            handled=handled,
         )
         with self._lock:
             self._faults.append(fault)
         return fault
+
+    def lost_answer(self, status: int = 502, *, method: str = "*", path_regex: str = "", count: int = 1) -> Fault:
+        """The next matching requests take effect, but the bot sees a 5xx instead of the answer."""
+        return self.inject(method, path_regex, status, count, body={"message": "Server Error"}, handled=True)
 
     def server_error(self, status: int = 502, *, method: str = "*", path_regex: str = "", count: int = 1) -> Fault:
         """GitHub's occasional 5xx (``{"message": "Server Error"}``)."""
@@ -484,7 +504,7 @@ class GitHubStandIn(ForgeStandIn):
             record = RecordedRequest(
                 seq=next(self._seq), method=request.method, path=request.url.path, json=parsed,
                 headers=headers, operation_id=operation.operation_id if operation else None,
-                request_id=_request_id(),
+                request_id=_request_id(), query=request.url.query,
             )
             self.requests.append(record)
             fault = self._take_fault(record) if operation else None
@@ -525,7 +545,7 @@ class GitHubStandIn(ForgeStandIn):
         if operation is None:
             self._violate(record, "unknown-route", "not one of the documented operations in api-subset.json")
             return _Reply(404, _basic_error("Not Found", 404))
-        if fault is not None:
+        if fault is not None and not fault.handled:
             record.faulted = True
             self._validate_body(record, operation, parsed, parse_ok)  # a bad body is a bug even now
             return _Reply(fault.status, fault.body, dict(fault.headers))
@@ -535,10 +555,17 @@ class GitHubStandIn(ForgeStandIn):
         invalid = self._validate_body(record, operation, parsed, parse_ok)
         if invalid is not None:
             return invalid
+        query = self._validate_query(record, operation, request)
+        if isinstance(query, _Reply):
+            return query
         base = str(request.base_url).rstrip("/")
-        reply = self._handlers[operation.operation_id](dict(request.path_params), parsed or {}, identity, base)
+        params = {**request.path_params, **query}
+        reply = self._handlers[operation.operation_id](params, parsed or {}, identity, base)
         if reply.violation is not None:
             self._violate(record, *reply.violation)
+        if fault is not None:  # handled: done, but the answer is lost
+            record.faulted = True
+            return _Reply(fault.status, fault.body, dict(fault.headers))
         return reply
 
     def _validate_body(
@@ -562,6 +589,31 @@ class GitHubStandIn(ForgeStandIn):
         self._violate(record, "invalid-body", "request body does not match the documented schema", details)
         return _Reply(422, {"message": "Validation Failed", "errors": errors, "documentation_url": operation.docs})
 
+    def _validate_query(self, record: RecordedRequest, operation: Operation, request: Request) -> dict[str, Any] | _Reply:
+        """The query parameters, typed as documented, or GitHub's 422 for one that is not.
+
+        GitHub ignores parameters it does not know; a stand-in that did too would let a typo
+        (``checkname=``) pass silently, so an unknown one is a recorded violation as well.
+        """
+        values: dict[str, Any] = {}
+        problems = []
+        for name, raw in request.query_params.multi_items():
+            validator = operation.query.get(name)
+            if validator is None:
+                problems.append(f"{name}: not a documented parameter of {operation.operation_id}")
+                continue
+            value: Any = raw
+            if validator.schema.get("type") == "integer":
+                value = int(raw) if raw.lstrip("-").isdigit() else raw
+            error = best_match(validator.iter_errors(value))
+            if error is not None:
+                problems.append(f"{name}: {_shorten(error.message)}")
+            values[name] = value
+        if not problems:
+            return values
+        self._violate(record, "invalid-query", "query parameters do not match the documented ones", tuple(problems))
+        return _Reply(422, {"message": "Invalid request.\n\n" + "\n".join(problems), "documentation_url": operation.docs})
+
     def _authenticate(self, request: Request, operation: Operation) -> Any:
         """Return the caller (``None`` for a static token, or an InstallationToken) or a 401/403 reply."""
         scheme, _, credential = request.headers.get("authorization", "").partition(" ")
@@ -576,8 +628,8 @@ class GitHubStandIn(ForgeStandIn):
         issued = self.installation_tokens.get(credential)
         if issued is None or issued.expired:
             return _Reply(401, _basic_error("Bad credentials", 401))
-        needed = REQUIRED_PERMISSION[operation.operation_id]
-        if issued.permissions.get(needed) != "write":
+        needed, level = REQUIRED_PERMISSION[operation.operation_id]
+        if PERMISSION_RANK.get(issued.permissions.get(needed, ""), 0) < PERMISSION_RANK[level]:
             return _Reply(403, _basic_error("Resource not accessible by integration", 403, operation.docs))
         return issued
 
@@ -717,6 +769,44 @@ class GitHubStandIn(ForgeStandIn):
         self._merge_check_run(run, body)
         self.check_run_history[run_id].append(copy.deepcopy(run))
         return _Reply(200, copy.deepcopy(run))
+
+    def _list_check_runs(self, params: dict[str, Any], body: Any, caller: Any, base: str) -> _Reply:
+        """Check runs of a commit, newest first, filtered and paged as GitHub does."""
+        owner, repo, ref = params["owner"], params["repo"], params["ref"]
+        if not re.fullmatch(r"[0-9a-f]{40}", ref):
+            return _Reply(404, _basic_error("No commit found for SHA: " + ref, 404, DOCS["checks/list-for-ref"]),
+                          violation=("standin-limit", "this stand-in resolves full commit SHAs only"))
+        runs = [run for run_id, run in sorted(self.check_runs.items(), reverse=True)
+                if self._check_run_repo[run_id] == (owner, repo) and run["head_sha"] == ref]
+        if "check_name" in params:
+            runs = [run for run in runs if run["name"] == params["check_name"]]
+        if "status" in params:
+            runs = [run for run in runs if run["status"] == params["status"]]
+        if "app_id" in params:
+            runs = [run for run in runs if run["app"]["id"] == params["app_id"]]
+        if params.get("filter", "latest") == "latest":  # the newest run of each name
+            seen: set[str] = set()
+            runs = [run for run in runs if not (run["name"] in seen or seen.add(run["name"]))]
+        per_page = max(1, min(int(params.get("per_page", 30)), MAX_PER_PAGE))
+        page = max(1, int(params.get("page", 1)))
+        last = max(1, -(-len(runs) // per_page))
+        shown = runs[(page - 1) * per_page: page * per_page]
+        return _Reply(200, {"total_count": len(runs), "check_runs": copy.deepcopy(shown)},
+                      self._links(f"{base}/repos/{owner}/{repo}/commits/{ref}/check-runs", params, page, last))
+
+    @staticmethod
+    def _links(url: str, params: dict[str, Any], page: int, last: int) -> dict[str, str]:
+        """GitHub's ``Link`` header for a paged list (none when one page holds everything)."""
+        if last == 1:
+            return {}
+        query = {k: v for k, v in params.items() if k not in ("owner", "repo", "ref", "page")}
+
+        def at(n: int) -> str:
+            return url + "?" + "&".join(f"{k}={quote(str(v), safe='')}" for k, v in {**query, "page": n}.items())
+
+        rels = [("prev", page - 1), ("next", page + 1), ("last", last), ("first", 1)]
+        links = [f'<{at(n)}>; rel="{rel}"' for rel, n in rels if 1 <= n <= last and n != page]
+        return {"link": ", ".join(links)}
 
     def _merge_check_run(self, run: dict[str, Any], body: Mapping[str, Any]) -> None:
         """Apply a create/update body the way GitHub does.
