@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     #: Attempts at a report the forge keeps refusing for a reason retrying may mend (auth,
     #: not found); 5xx, rate limits and network faults are retried for as long as it takes.
     report_max_attempts: int = Field(default=12, ge=1)
+    #: Reports that ended (sent, coalesced, dropped) are kept this long for whoever asks what
+    #: the forge was told, then deleted (about four rows a build would otherwise pile up).
+    report_retention_hours: float = Field(default=168.0, gt=0)
 
     # Registry.
     registry: str | None = None

@@ -188,3 +188,28 @@ def test_a_build_end_coalesces_its_unsent_interim_updates_but_not_one_in_flight(
     assert states == [("queued", "sent"), ("running", "sent"), ("progress", "pending"), ("progress", "coalesced"),
                       ("superseded", "pending")]
     assert in_flight.status == "progress"
+
+
+def test_pruning_deletes_ended_reports_past_retention_only(db):
+    """Sent, dropped and coalesced reports go once they are old enough, in batches; pending ones
+    (however old: a forge's long outage) and recent ones stay."""
+    for _ in range(3):
+        deliver(db, request(sha=SHA_B))  # each supersedes the last: queued, superseded, ...
+    old, recent = utcnow() - timedelta(days=8), utcnow() - timedelta(hours=1)
+    rows = db.read_sync(lambda c: c.execute(select(reports.c.id).order_by(reports.c.id)).scalars().all())
+    assert len(rows) == 5
+    ended = {rows[0]: (ReportState.sent, old), rows[1]: (ReportState.dead, old),
+             rows[2]: (ReportState.coalesced, old), rows[3]: (ReportState.sent, recent)}
+
+    def age(c):
+        for report_id, (state, at) in ended.items():
+            c.execute(reports.update().where(reports.c.id == report_id).values(state=state.value, sent_at=at))
+        c.execute(reports.update().where(reports.c.id == rows[4]).values(created_at=old))  # old, still pending
+    db.write_sync(age)
+
+    cutoff = utcnow() - timedelta(days=7)
+    assert db.write_sync(lambda c: outbox.prune(c, cutoff, limit=2)) == 2  # a batch at most
+    assert db.write_sync(lambda c: outbox.prune(c, cutoff, limit=2)) == 1
+    assert db.write_sync(lambda c: outbox.prune(c, cutoff, limit=2)) == 0
+    left = db.read_sync(lambda c: c.execute(select(reports.c.id, reports.c.state).order_by(reports.c.id)).all())
+    assert [tuple(r) for r in left] == [(rows[3], "sent"), (rows[4], "pending")]

@@ -16,7 +16,8 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import JSON, Connection, Insert, and_, bindparam, case, exists, insert, literal, or_, select, update
+from sqlalchemy import (JSON, Connection, Insert, and_, bindparam, case, delete, exists, insert, literal, or_, select,
+                        update)
 from sqlalchemy.orm import aliased
 
 from bot.models import ReportState, UTCDateTime, builds, reports
@@ -219,6 +220,21 @@ def postpone(conn: Connection, report_id: int, owner: str, when: datetime) -> bo
 
 def set_check_run(conn: Connection, build_id: int, check_run_id: int | None) -> None:
     conn.execute(update(builds).where(builds.c.id == build_id).values(check_run_id=check_run_id))
+
+
+def prune(conn: Connection, ended_before: datetime, limit: int = 1000) -> int:
+    """Delete up to ``limit`` reports that ended before ``ended_before``; how many went.
+
+    In batches, so that on SQLite (one writer) a large backlog never holds the write lock long
+    enough to delay a webhook."""
+    doomed = (
+        select(reports.c.id)
+        .where(reports.c.state != ReportState.pending.value, reports.c.sent_at < ended_before)
+        .order_by(reports.c.id)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    return conn.execute(delete(reports).where(reports.c.id.in_(doomed))).rowcount
 
 
 def pending_count(conn: Connection) -> int:
