@@ -76,8 +76,10 @@ class Settings(BaseSettings):
     #: Interim check-run updates of one build are at most this often (GitHub's secondary rate
     #: limits allow about 80 content-creating requests a minute per installation).
     report_interval_seconds: float = Field(default=5.0, ge=0)
-    #: Content-creating requests per forge and minute, across all builds of this process.
+    #: Content-creating requests per forge and minute, and per hour, across all builds of this
+    #: process (GitHub's secondary rate limits: 80 a minute, 500 an hour).
     report_requests_per_minute: int = Field(default=60, ge=1)
+    report_requests_per_hour: int = Field(default=450, ge=1)
     report_retry_initial_seconds: float = Field(default=1.0, ge=0)
     report_retry_max_seconds: float = Field(default=300.0, ge=0)
     #: Attempts at a report the forge keeps refusing for a reason retrying may mend (auth,

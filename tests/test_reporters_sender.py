@@ -425,6 +425,21 @@ def test_pace_keeps_a_forge_under_its_requests_per_minute():
     assert pace.take("github", 2, now=60.5) == 0.0  # the first two aged out
 
 
+def test_pace_keeps_a_forge_under_its_requests_per_hour_too():
+    pace = Pace(per_minute=4, per_hour=6)
+    assert [pace.take("github", 2, now=t) for t in (0.0, 61.0, 122.0)] == [0.0, 0.0, 0.0]
+    assert pace.take("github", 1, now=183.0) == pytest.approx(3417.0)  # the minute has room, the hour not
+    assert pace.room("github", now=183.0) == 0 and pace.room("github", now=3601.0) == 2
+
+
+def test_interim_updates_leave_a_reserve_for_statuses_and_final_updates():
+    pace = Pace(per_minute=8, per_hour=100)  # interim updates may use 6 a minute
+    assert pace.take("github", 6, now=0.0, low=True) == 0.0
+    assert pace.take("github", 1, now=1.0, low=True) == pytest.approx(59.0)
+    assert pace.take("github", 2, now=1.0) == 0.0  # the reserve: a status and a final update go at once
+    assert pace.take("github", 1, now=2.0) == pytest.approx(58.0)  # and then the whole budget is used
+
+
 def test_a_burst_of_builds_is_paced_not_failed(db, github, key):
     settings = app_settings(db, github, key, report_requests_per_minute=4)
     forge = Forge(db)

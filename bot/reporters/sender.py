@@ -83,30 +83,52 @@ def context_for(settings: Settings, build: Build) -> str:
 
 
 class Pace:
-    """At most ``per_minute`` content-creating requests to one forge in any 60 s (GitHub's
-    secondary rate limit is 80 a minute; a burst of builds must not trip it). A report that
-    would exceed it waits, without counting as a failed attempt."""
+    """Content-creating requests per forge: at most ``per_minute`` in any 60 s and ``per_hour``
+    in any hour (GitHub's secondary rate limits are 80 and 500; a burst of builds must not trip
+    them, since GitHub then stops answering for a minute or more). A report that would exceed
+    them waits, without counting as a failed attempt.
 
-    WINDOW = 60.0
+    Interim check-run updates are the one kind of report nobody misses when it is late, so they
+    may only use the budgets down to a ``reserve`` (a quarter): statuses and final updates
+    never queue behind progress bars.
+    """
 
-    def __init__(self, per_minute: int) -> None:
+    MINUTE, HOUR = 60.0, 3600.0
+
+    def __init__(self, per_minute: int, per_hour: int | None = None, reserve: float = 0.25) -> None:
         self.per_minute = per_minute
+        self.per_hour = per_hour if per_hour is not None else per_minute * 60
+        self.reserve = reserve
         self._sent: dict[str, deque[float]] = {}
+
+    def _windows(self, low: bool) -> list[tuple[float, int]]:
+        share = 1 - self.reserve if low else 1.0
+        return [(self.MINUTE, max(1, int(self.per_minute * share))), (self.HOUR, max(1, int(self.per_hour * share)))]
+
+    def _recent(self, forge: str, now: float) -> deque[float]:
+        sent = self._sent.setdefault(forge, deque())
+        while sent and sent[0] <= now - self.HOUR:
+            sent.popleft()
+        return sent
 
     def room(self, forge: str, now: float | None = None) -> int:
         """Requests ``forge`` can take now."""
         now = time.monotonic() if now is None else now
-        sent = self._sent.get(forge, ())
-        return self.per_minute - sum(1 for t in sent if t > now - self.WINDOW)
+        sent = self._recent(forge, now)
+        return min(limit - sum(1 for t in sent if t > now - window) for window, limit in self._windows(False))
 
-    def take(self, forge: str, count: int, now: float | None = None) -> float:
+    def take(self, forge: str, count: int, now: float | None = None, low: bool = False) -> float:
         """Reserve ``count`` requests now; 0, or how long to wait before asking again."""
         now = time.monotonic() if now is None else now
-        sent = self._sent.setdefault(forge, deque())
-        while sent and sent[0] <= now - self.WINDOW:
-            sent.popleft()
-        if len(sent) + count > self.per_minute and sent:
-            return sent[min(len(sent) - 1, len(sent) + count - self.per_minute - 1)] + self.WINDOW - now
+        sent = self._recent(forge, now)
+        wait = 0.0
+        for window, limit in self._windows(low):
+            inside = [t for t in sent if t > now - window]
+            over = len(inside) + count - limit
+            if over > 0 and inside:  # (a lone request bigger than the budget still goes)
+                wait = max(wait, inside[min(over, len(inside)) - 1] + window - now)
+        if wait > 0:
+            return wait
         sent.extend([now] * count)
         return 0.0
 
@@ -128,7 +150,7 @@ class Sender:
         self._wake = asyncio.Event()
         self._stopping = False
         self._last_interim: dict[int, float] = {}  # build id -> monotonic time of its last PATCH
-        self.pace = Pace(settings.report_requests_per_minute)
+        self.pace = Pace(settings.report_requests_per_minute, settings.report_requests_per_hour)
         self.sent = 0  # requests that reached the forge and were accepted (tests, metrics)
         self._next_prune = 0.0  # monotonic time of the next pruning (0: at the first round)
 
@@ -241,7 +263,7 @@ class Sender:
         if report.status == outbox.PROGRESS and (wait := self._interim_wait(report.build_id)) > 0:
             await self._write(outbox.postpone, report.id, self.owner, utcnow() + timedelta(seconds=wait))
             return
-        if (wait := self.pace.take(provider, len(wanted))) > 0:
+        if (wait := self.pace.take(provider, len(wanted), low=report.status == outbox.PROGRESS)) > 0:
             await self._write(outbox.postpone, report.id, self.owner, utcnow() + timedelta(seconds=wait))
             return
         done = list(report.done)
