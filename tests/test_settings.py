@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from bot.settings import SettingsError, load_settings
+from bot.settings import Settings, SettingsError, load_settings
 
 
 def test_defaults(monkeypatch):
@@ -104,3 +107,12 @@ def test_registry_rejects(monkeypatch, value):
     monkeypatch.setenv("IMAGEBOT_REGISTRY", value)
     with pytest.raises(SettingsError, match="IMAGEBOT_REGISTRY"):
         load_settings()
+
+
+def test_every_setting_is_documented():
+    """An operator finds every IMAGEBOT_ setting in README.md's table (the Kubernetes runtime's
+    in docs/kubernetes.md)."""
+    root = Path(__file__).resolve().parents[1]
+    documented = (root / "README.md").read_text() + (root / "docs" / "kubernetes.md").read_text()
+    missing = [name for name in Settings.model_fields if not re.search(rf"\b{name.upper()}\b", documented)]
+    assert missing == []
