@@ -66,7 +66,10 @@ def test_telemetry_is_counted_from_the_first_scrape_on(client, db):
     assert value(after, "imagebot_build_duration_seconds_bucket", status="failed", le="60.0") == 1
     assert value(after, "imagebot_build_duration_seconds_bucket", status="failed", le="30.0") == 0
     assert value(after, "imagebot_push_duration_seconds_sum", platform=AMD) == 4.0
-    assert scrape(client) == after | {k: v for k, v in scrape(client).items() if k[0].endswith("_created")}
+    # scraping again counts nothing twice (only timestamps and ages move)
+    again = scrape(client)
+    moving = {k: v for k, v in again.items() if k[0].endswith("_created") or k[0].endswith("_oldest_pending_seconds")}
+    assert again == after | moving
 
 
 def test_builds_by_status_and_queue_depth_are_read_at_scrape(client, db):
@@ -110,3 +113,22 @@ def test_each_app_has_its_own_registry(db, db_url):
         assert counted == 1
         assert value(scrape(second), "imagebot_webhook_deliveries_total", provider="github", event="push",
                      outcome="queued") == 0
+
+
+def test_reports_by_forge_and_state_and_the_oldest_pending_age(client, db):
+    from sqlalchemy import select
+
+    from bot.models import reports, utcnow
+
+    enqueue(db, request(ref="refs/heads/a"), request(ref="refs/heads/b"), request(ref="refs/heads/b"))
+    ids = db.read_sync(lambda c: c.execute(select(reports.c.id).order_by(reports.c.id)).scalars().all())
+    assert len(ids) == 4  # a queued; b queued, then superseded by the second b, queued
+    db.write_sync(lambda c: [c.execute(reports.update().where(reports.c.id == i).values(state=state))
+                             for i, state in ((ids[0], "sent"), (ids[1], "dead"))])
+    samples = scrape(client)
+    assert [value(samples, "imagebot_reports", forge="github", state=s) for s in ("pending", "sent", "dead")] == [2, 1, 1]
+    assert value(samples, "imagebot_reports", forge="gitlab", state="pending") == 0
+    assert ("imagebot_reports", frozenset({"forge": "gitlab", "state": "dead"}.items())) in samples
+    oldest = value(samples, "imagebot_report_oldest_pending_seconds", forge="github")
+    assert oldest == pytest.approx((utcnow() - T0).total_seconds(), abs=60)  # the reports were owed at T0
+    assert value(samples, "imagebot_report_oldest_pending_seconds", forge="gitlab") == 0

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from bot import queue, telemetry
 from bot.api.rest import read
 from bot.api.stream import announce
-from bot.models import BuildStatus, builds, telemetry_events
+from bot.models import BuildStatus, ReportState, builds, reports, telemetry_events, utcnow
 from bot.webhooks.ingress import WebhookError
 
 #: Events read per scrape at most (the rest are counted by the next one).
@@ -41,6 +41,8 @@ MAX_EVENTS_PER_SCRAPE = 50_000
 _PAGE = 5_000
 _BUILD_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 _PUSH_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+#: Forges reports go to (a series for each, zero until used, so an alert has something to read).
+_FORGES = ("github", "gitlab")
 #: The header naming a delivery's event, per provider.
 _EVENT_HEADER = {"github": "x-github-event", "gitlab": "x-gitlab-event"}
 _END_STATUS = {"build_succeeded": "succeeded", "build_failed": "failed", "build_cancelled": "cancelled"}
@@ -81,6 +83,14 @@ class Metrics:
             "imagebot_webhook_deliveries", "Webhook deliveries received, by provider, event and outcome "
             "(queued, skipped, cancelled, ping, ignored, duplicate, rejected_<why>).",
             ["provider", "event", "outcome"], registry=r,
+        )
+        self.reports = Gauge(
+            "imagebot_reports", "Reports to the forges in the outbox, by forge and state (pending, sent, "
+            "coalesced, dead), at scrape; ended ones until REPORT_RETENTION_HOURS.", ["forge", "state"], registry=r,
+        )
+        self.oldest_pending_report = Gauge(
+            "imagebot_report_oldest_pending_seconds", "Age of the oldest report not yet delivered, by forge "
+            "(0: none); grows while a forge is down or refuses.", ["forge"], registry=r,
         )
         self.cursor: int | None = None  # the last telemetry event id counted
         self._lock = asyncio.Lock()
@@ -125,6 +135,25 @@ class Metrics:
         for status in BuildStatus:
             self.builds.labels(status.value).set(by_status.get(status.value, 0))
         self.queue_depth.set(queue.queue_depth(conn))
+        self._read_reports(conn)
+
+    def _read_reports(self, conn: Connection) -> None:
+        joined = reports.join(builds, builds.c.id == reports.c.build_id)
+        counts = {
+            (forge, state): n for forge, state, n in conn.execute(
+                select(builds.c.provider, reports.c.state, func.count()).select_from(joined)
+                .group_by(builds.c.provider, reports.c.state))
+        }
+        oldest = dict(conn.execute(
+            select(builds.c.provider, func.min(reports.c.created_at)).select_from(joined)
+            .where(reports.c.state == ReportState.pending.value).group_by(builds.c.provider)
+        ).all())
+        now = utcnow()
+        for forge in _FORGES:
+            for state in ReportState:
+                self.reports.labels(forge, state.value).set(counts.get((forge, state.value), 0))
+            since = oldest.get(forge)
+            self.oldest_pending_report.labels(forge).set((now - since).total_seconds() if since else 0.0)
 
     async def refresh(self, app: Starlette) -> None:
         async with self._lock:  # two scrapes at once must not count the same events twice
