@@ -117,11 +117,12 @@ def report_rows(db) -> list:
 # -- GitHub App mode: statuses and a check run ----------------------------------------------------
 
 
-def test_a_two_platform_build_reports_pending_then_success_and_a_check_run(db, github, key):
+def build_and_report(db, settings) -> Build:
+    """A two-platform build, queued, run and ended with a running sender; every report sent."""
     forge = Forge(db)
-    sender = Sender(db, app_settings(db, github, key))
 
     async def go():
+        sender = Sender(db, settings)
         sending = asyncio.create_task(sender.run())
         build_id = forge.queue()
         await until_sent(db)
@@ -133,7 +134,11 @@ def test_a_two_platform_build_reports_pending_then_success_and_a_check_run(db, g
         await sending
         return build
 
-    build = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_two_platform_build_reports_pending_then_success_and_a_check_run(db, github, key):
+    build = build_and_report(db, app_settings(db, github, key))
     statuses = github.statuses[("acme", "app", build.sha)]
     assert [(s["state"], s["description"]) for s in statuses] == [
         ("pending", "Queued: linux/amd64, linux/arm64"),
@@ -263,23 +268,7 @@ def test_a_check_run_created_before_its_answer_was_lost_is_updated_not_made_agai
     """GitHub made the run but the bot never heard (a 502 after the fact; a crash between the
     create and storing its id ends the same way): the retry finds it by external id."""
     github.lost_answer(502, method="POST", path_regex="/check-runs$")
-    forge = Forge(db)
-    settings = app_settings(db, github, key)
-
-    async def go():
-        sender = Sender(db, settings)
-        sending = asyncio.create_task(sender.run())
-        build_id = forge.queue()
-        await until_sent(db)
-        build = forge.start(build_id)
-        await forge.emit_two_platform_success(build_id)
-        forge.finish(build, BuildOutcome(BuildStatus.succeeded, platforms=tuple(PLATFORMS)))
-        await until_sent(db)
-        sender.stop()
-        await sending
-        return build_id
-
-    build_id = asyncio.run(go())
+    build_id = build_and_report(db, app_settings(db, github, key)).id
     (run,) = github.check_runs.values()
     assert (run["external_id"], run["status"], run["conclusion"]) == (str(build_id), "completed", "success")
     assert db.read_sync(lambda c: c.execute(select(builds.c.check_run_id).where(builds.c.id == build_id))
