@@ -213,3 +213,13 @@ def test_pruning_deletes_ended_reports_past_retention_only(db):
     assert db.write_sync(lambda c: outbox.prune(c, cutoff, limit=2)) == 0
     left = db.read_sync(lambda c: c.execute(select(reports.c.id, reports.c.state).order_by(reports.c.id)).all())
     assert [tuple(r) for r in left] == [(rows[3], "sent"), (rows[4], "pending")]
+
+
+def test_a_claim_passes_over_the_forges_held_off(db):
+    deliver(db, request())
+    gitlab = queue.BuildRequest(provider="gitlab", repo="acme/app", clone_url="https://git.example/acme/app.git",
+                                ref="refs/heads/main", sha=SHA_B, kind=BuildKind.branch, trigger="push")
+    deliver(db, gitlab)
+    only_gitlab = db.write_sync(lambda c: outbox.claim(c, "s1", 10, LEASE, utcnow(), frozenset({"github"})))
+    assert [r.key.split(":")[0] for r in only_gitlab] == ["gitlab"]
+    assert [r.key.split(":")[0] for r in claim(db)] == ["github"]  # held no more

@@ -5,6 +5,7 @@ queue, worker transactions and telemetry; reports checked as the forge recorded 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from datetime import timedelta
@@ -333,8 +334,75 @@ async def until_sent_by(sender: Sender, rounds: int = 20) -> None:
     raise AssertionError("reports still pending")
 
 
+def token_settings(db, github, **kw):
+    return make_settings(db.url, github_api_url=github.url, github_token=TOKEN, **{**FAST, **kw})
+
+
+def test_a_rate_limit_holds_off_every_report_to_that_forge(db, github):
+    """GitHub's rate limits are per principal, not per request: once told to wait, the sender
+    sends nothing to GitHub before the time is up (GitHub may ban an integration that keeps
+    asking), then everything."""
+    github.secondary_rate_limit(retry_after=2, path_regex="/statuses/", count=1)
+    forge = Forge(db)
+
+    async def go():
+        sender = Sender(db, token_settings(db, github))
+        sending = asyncio.create_task(sender.run())
+        first = forge.queue(ref="refs/heads/a")
+        await until(lambda: github.requests and github.requests[0].status is not None)  # refused
+        later = [forge.queue(ref="refs/heads/b"), forge.queue(ref="refs/heads/c")]
+        sender.wake()
+        await until_sent(db)
+        sender.stop()
+        await sending
+        return [first, *later]
+
+    build_ids = asyncio.run(go())
+    limited, *after = github.requests
+    assert limited.status == 403 and [r.status for r in after] == [201, 201, 201]
+    assert min(r.at for r in after) - limited.at >= 2.0
+    reported = sorted(int(s["target_url"].rsplit("/", 1)[1]) for s in itertools.chain(*github.statuses.values()))
+    assert reported == build_ids
+
+
+def test_a_failing_forge_gets_one_probe_at_a_time_until_it_answers(db, github):
+    """During an outage the sender holds the forge off, backing off, and then probes it with
+    one report, not a batch of doomed requests; once one is answered, the rest go."""
+    github.server_error(502, path_regex="/statuses/", count=3)
+    forge = Forge(db)
+
+    async def go():
+        sender = Sender(db, token_settings(db, github, report_retry_initial_seconds=0.2, report_retry_max_seconds=1.0))
+        sending = asyncio.create_task(sender.run())
+        first = forge.queue(ref="refs/heads/b0")
+        await until(lambda: github.requests and github.requests[0].status is not None)  # refused
+        later = [forge.queue(ref=f"refs/heads/b{n}") for n in range(1, 6)]
+        sender.wake()
+        await until_sent(db)
+        sender.stop()
+        await sending
+        return [first, *later]
+
+    build_ids = asyncio.run(go())
+    failed, answered = github.requests[:3], github.requests[3:]
+    assert [r.status for r in failed] == [502] * 3 and [r.status for r in answered] == [201] * 6
+    # each probe came alone, after the hold (at least the lower half of the backoff, 0.1 s)
+    gaps = [round(later.at - earlier.at, 3) for earlier, later in zip(failed, failed[1:] + answered[:1])]
+    assert min(gaps) >= 0.1, gaps
+    reported = sorted(int(s["target_url"].rsplit("/", 1)[1]) for s in itertools.chain(*github.statuses.values()))
+    assert reported == build_ids
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
 def test_token_mode_reports_statuses_only(db, github):
-    settings = make_settings(db.url, github_api_url=github.url, github_token=TOKEN, **FAST)
+    settings = token_settings(db, github)
     forge = Forge(db)
     build_id = forge.queue()
 

@@ -149,29 +149,37 @@ def _free(now: datetime):
 
 _NOW = bindparam("now", type_=UTCDateTime())
 _EARLIER = aliased(reports)
-#: The reports due now whose key has nothing pending before them (built once: an aliased
-#: statement built per call is compiled per call, which cost more than running it).
-_HEADS = (
-    select(reports.c.id)
-    .where(
-        reports.c.state == ReportState.pending.value,
-        reports.c.next_attempt_at <= _NOW,
-        or_(reports.c.lease_expires_at.is_(None), reports.c.lease_expires_at < _NOW),
-        ~exists().where(
-            _EARLIER.c.key == reports.c.key,
-            _EARLIER.c.state == ReportState.pending.value,
-            _EARLIER.c.id < reports.c.id,
-        ),
+
+
+@functools.cache
+def _heads(skip: frozenset[str]):
+    """The reports due now whose key has nothing pending before them, of every forge but
+    ``skip`` (built once per set: an aliased statement built per call is compiled per call,
+    which cost more than running it)."""
+    return (
+        select(reports.c.id)
+        .where(
+            reports.c.state == ReportState.pending.value,
+            reports.c.next_attempt_at <= _NOW,
+            or_(reports.c.lease_expires_at.is_(None), reports.c.lease_expires_at < _NOW),
+            *(~reports.c.key.startswith(f"{forge}:", autoescape=True) for forge in sorted(skip)),
+            ~exists().where(
+                _EARLIER.c.key == reports.c.key,
+                _EARLIER.c.state == ReportState.pending.value,
+                _EARLIER.c.id < reports.c.id,
+            ),
+        )
+        .order_by(reports.c.id)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)
     )
-    .order_by(reports.c.id)
-    .limit(bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
 
 
-def claim(conn: Connection, owner: str, limit: int, lease: timedelta, now: datetime) -> list[Claimed]:
-    """Lease up to ``limit`` reports that are due and first in line for their key."""
-    heads = conn.execute(_HEADS, {"now": now, "limit": limit})
+def claim(conn: Connection, owner: str, limit: int, lease: timedelta, now: datetime,
+          skip: frozenset[str] = frozenset()) -> list[Claimed]:
+    """Lease up to ``limit`` reports that are due and first in line for their key, of every
+    forge but those in ``skip`` (the ones the sender is holding off)."""
+    heads = conn.execute(_heads(frozenset(skip)), {"now": now, "limit": limit})
     ids = [row.id for row in heads]
     if not ids:
         return []
@@ -213,9 +221,11 @@ def retry_at(conn: Connection, report_id: int, owner: str, done: list[str], when
     return _end_lease(conn, report_id, owner, done=done, next_attempt_at=when, last_error=error[:500])
 
 
-def postpone(conn: Connection, report_id: int, owner: str, when: datetime) -> bool:
-    """Not yet (an interim update too soon after the last): not a failed attempt."""
-    return _end_lease(conn, report_id, owner, next_attempt_at=when, attempts=reports.c.attempts - 1)
+def postpone(conn: Connection, report_id: int, owner: str, when: datetime, done: list[str] | None = None) -> bool:
+    """Not yet (an interim update too soon after the last, the pace, a forge held off): not a
+    failed attempt. ``done``: the targets that took it meanwhile, if any did."""
+    values = {} if done is None else {"done": done}
+    return _end_lease(conn, report_id, owner, next_attempt_at=when, attempts=reports.c.attempts - 1, **values)
 
 
 def set_check_run(conn: Connection, build_id: int, check_run_id: int | None) -> None:

@@ -153,6 +153,11 @@ class Sender:
         self.pace = Pace(settings.report_requests_per_minute, settings.report_requests_per_hour)
         self.sent = 0  # requests that reached the forge and were accepted (tests, metrics)
         self._next_prune = 0.0  # monotonic time of the next pruning (0: at the first round)
+        #: Forges nothing is sent to until a monotonic time: one that asked us to wait (a rate
+        #: limit holds for every request of its principal, not just the refused one), or is
+        #: failing (5xx, network), where one probe at a time beats a batch of doomed requests.
+        self.holds: dict[str, float] = {}
+        self._outage: dict[str, int] = {}  # forge -> failed probes in a row
 
     @property
     def enabled(self) -> bool:
@@ -226,8 +231,11 @@ class Sender:
         return total
 
     async def _idle(self) -> None:
+        timeout = self.settings.poll_seconds
+        if self.holds:  # wake up when a hold ends, not at the next poll after
+            timeout = max(0.0, min(timeout, min(self.holds.values()) - time.monotonic()))
         try:
-            await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+            await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             pass
         self._wake.clear()
@@ -235,12 +243,16 @@ class Sender:
     async def send_round(self) -> int:
         """Lease and deliver the reports due now; how many were leased. Never more than the
         pace allows (a report that would have to wait is not worth a lease)."""
-        room = min([BATCH, *(self.pace.room(forge) for forge in outbox.report_to(self.settings))])
-        if room <= 0:
+        held = self.held()
+        open_forges = outbox.report_to(self.settings) - held
+        room = min([BATCH, *(self.pace.room(forge) for forge in open_forges)])
+        if room <= 0 or (held and not open_forges):
             return 0
+        if any(forge in self._outage for forge in open_forges):
+            room = 1  # a forge that was failing gets one probe before a batch
         try:
             claimed = await self.db.write(
-                lambda conn: outbox.claim(conn, self.owner, room, self.lease, utcnow())
+                lambda conn: outbox.claim(conn, self.owner, room, self.lease, utcnow(), held)
             )
         except Exception:
             log.exception("claiming reports failed; will try again")
@@ -272,6 +284,11 @@ class Sender:
             async with asyncio.timeout(budget):
                 rendered = await self.db.read(lambda conn: _load(conn, report.build_id, "check_run" in wanted))
                 for target in wanted:
+                    if provider in self.held():  # another report was told to wait meanwhile
+                        wait = self.holds[provider] - time.monotonic()
+                        await self._write(outbox.postpone, report.id, self.owner,
+                                          utcnow() + timedelta(seconds=wait), done)
+                        return
                     await self._send(target, report, rendered)
                     done.append(target)
         except TimeoutError:
@@ -282,9 +299,29 @@ class Sender:
             log.exception("report %s of build %s failed unexpectedly", report.id, report.build_id)
             await self._refused(report, done, ReportError("unknown", f"{type(exc).__name__}: {exc}"))
         else:
+            self._outage.pop(provider, None)  # the forge answers again
             await self._write(outbox.settle, report.id, self.owner, done, utcnow())
             log.info("report %s (%s) of build %s sent to %s", report.id, report.status,
                      report.build_id, ", ".join(wanted))
+
+    def held(self, now: float | None = None) -> frozenset[str]:
+        """The forges held off now."""
+        now = time.monotonic() if now is None else now
+        for forge in [f for f, until in self.holds.items() if until <= now]:
+            del self.holds[forge]
+        return frozenset(self.holds)
+
+    def _hold(self, forge: str, exc: ReportError, wait: float) -> None:
+        """After a refusal: hold the whole forge off if it asked us to wait or is failing."""
+        if exc.kind == "rate_limited":
+            until = time.monotonic() + wait
+        elif exc.kind in ("server", "network") and forge not in self.held():
+            failures = self._outage[forge] = self._outage.get(forge, 0) + 1  # once per hold
+            until = time.monotonic() + self.backoff(failures)
+        else:
+            return
+        self.holds[forge] = max(self.holds.get(forge, 0.0), until)
+        log.warning("holding off %s for %.1f s (%s)", forge, self.holds[forge] - time.monotonic(), exc.kind)
 
     def _interim_wait(self, build_id: int) -> float:
         last = self._last_interim.get(build_id)
@@ -375,6 +412,7 @@ class Sender:
             await self._write(outbox.settle, report.id, self.owner, done, utcnow(), ReportState.dead, error)
             return
         wait = exc.retry_after if exc.retry_after is not None else self.backoff(report.attempts)
+        self._hold(report.key.split(":", 1)[0], exc, wait)
         log.warning("report %s (%s) of build %s: %s; retrying in %.1f s",
                     report.id, report.status, report.build_id, error, wait)
         await self._write(outbox.retry_at, report.id, self.owner, done,

@@ -254,6 +254,7 @@ class RecordedRequest:
     response: Any = None
     faulted: bool = False
     query: str = ""  # the raw query string
+    at: float = 0.0  # time.monotonic() when it arrived
 
 
 # Violations (tests.standins._shared.Violation) recorded here: A breach of the documented contract: the bot (or the stand-in) did something GitHub wouldn't accept.
@@ -504,7 +505,7 @@ class GitHubStandIn(ForgeStandIn):
             record = RecordedRequest(
                 seq=next(self._seq), method=request.method, path=request.url.path, json=parsed,
                 headers=headers, operation_id=operation.operation_id if operation else None,
-                request_id=_request_id(), query=request.url.query,
+                request_id=_request_id(), query=request.url.query, at=time.monotonic(),
             )
             self.requests.append(record)
             fault = self._take_fault(record) if operation else None
