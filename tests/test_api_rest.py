@@ -311,3 +311,29 @@ def test_cancel_ends_a_running_build_and_refuses_an_ended_one(admin, db):
 def test_admin_on_an_unknown_build_is_404(admin, action):
     response = admin.post(f"/api/builds/12345/{action}", headers=authorized())
     assert response.status_code == 404 and response.json() == {"error": "no build 12345"}
+
+
+def test_a_builds_reports_say_what_the_forge_was_told_and_what_is_pending(client, db):
+    from datetime import timedelta
+
+    from bot.reporters import outbox
+
+    first, second = enqueue(db, request(), request())  # the second supersedes the first
+    [head] = db.write_sync(lambda c: outbox.claim(c, "s1", 10, LEASE, utcnow()))
+    db.write_sync(lambda c: outbox.settle(c, head.id, "s1", ["status", "check_run"], utcnow()))
+    [superseded] = db.write_sync(lambda c: outbox.claim(c, "s1", 10, LEASE, utcnow()))
+    later = utcnow() + timedelta(seconds=30)
+    db.write_sync(lambda c: outbox.retry_at(c, superseded.id, "s1", ["status"], later, "server: 502 Server Error"))
+    db.write_sync(lambda c: outbox.set_check_run(c, first, 2**40))
+
+    body = client.get(f"/api/builds/{first}/reports").json()
+    assert (body["build_id"], body["check_run_id"]) == (first, 2**40)
+    sent, pending = body["reports"]
+    assert (sent["status"], sent["state"], sent["targets"], sent["attempts"]) == ("queued", "sent", ["status", "check_run"], 1)
+    assert sent["sent_at"].endswith("Z") and sent["next_attempt_at"] is None and sent["last_error"] is None
+    assert (pending["status"], pending["state"], pending["targets"]) == ("superseded", "pending", ["status"])
+    assert pending["next_attempt_at"] == later.isoformat().replace("+00:00", "Z")
+    assert pending["last_error"] == "server: 502 Server Error" and pending["sent_at"] is None
+    assert [r["status"] for r in client.get(f"/api/builds/{second}/reports").json()["reports"]] == ["queued"]
+    assert client.get("/api/builds/999/reports").status_code == 404
+    assert client.get(f"/api/builds/{first}/reports?x=1").status_code == 400

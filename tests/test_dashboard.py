@@ -96,6 +96,20 @@ def test_a_builds_page(client, built):
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
+def test_a_builds_page_shows_what_the_forge_was_told(client, db, built):
+    from bot.reporters import outbox
+    from tests.test_queue import LEASE
+
+    build_id = built[-1]
+    owed = db.write_sync(lambda c: outbox.claim(c, "s1", 10, LEASE, utcnow()))
+    mine = next(r for r in owed if r.build_id == build_id)
+    db.write_sync(lambda c: outbox.retry_at(c, mine.id, "s1", [], utcnow(), "rate_limited: <b>slow down</b>"))
+    page = Elements(client.get(f"/builds/{build_id}").text)
+    assert [r["data-state"] for r in page.find("tr", **{"class": "report"})] == ["pending"]
+    html = client.get(f"/builds/{build_id}/live").text
+    assert "rate_limited: &lt;b&gt;slow down&lt;/b&gt;" in html and "Reported to GitHub" in html
+
+
 def test_fragments_for_the_script(client, built):
     row = client.get(f"/builds/{built[0]}/row")
     assert row.status_code == 200 and row.text.lstrip().startswith(f'<tr id="build-{built[0]}"')

@@ -28,6 +28,7 @@ from bot import summary
 from bot.api.rest import build_detail, build_id_of, build_json, build_row, page_of_builds, read
 from bot.api.stream import Position, current_position
 from bot.models import BuildStatus, build_logs, telemetry_events, utcnow
+from bot.reporters import outbox
 
 #: Log lines a build page shows at first (the whole log is at /api/builds/{id}/log).
 LOG_TAIL = 300
@@ -115,8 +116,11 @@ def _read_build(conn: Connection, build_id: int, tail: int) -> dict[str, Any]:
         select(func.coalesce(func.max(telemetry_events.c.id), 0)).where(telemetry_events.c.build_id == build_id)
     ).scalar_one()
     detail = build_detail(row, events)
+    owed = outbox.reports_of(conn, build_id)
     return {
         "build": detail,
+        "reports": {"rows": [r for r in owed if r["state"] != "coalesced"],
+                    "coalesced": sum(1 for r in owed if r["state"] == "coalesced")},
         "timeline": summary.timeline(row.platforms, events, utcnow()),
         "lines": lines,
         "position": str(Position(last_event, last_log)),

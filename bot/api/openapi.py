@@ -139,6 +139,18 @@ def _spec() -> dict[str, Any]:
         "BuildDetail": _object({**_BUILD, "results": {"type": "array", "items": _ref("PlatformResult")},
                                 "manifest": _MANIFEST}),
         "PlatformResult": _PLATFORM_RESULT,
+        "Report": _object({
+            "id": _INT,
+            "status": {"enum": [*BuildStatus.__members__, "progress"], "description":
+                       "the build state reported, or `progress` for an interim check-run update"},
+            "state": {"enum": ["pending", "sent", "coalesced", "dead"]},
+            "attempts": _INT,
+            "targets": {"type": "array", "items": {"enum": ["status", "check_run"]},
+                        "description": "where it was delivered already"},
+            "created_at": _TIME, "sent_at": _NULL_TIME,
+            "next_attempt_at": {**_NULL_TIME, "description": "when it is tried next (pending only)"},
+            "last_error": _NULL_STR,
+        }),
         "Event": {"oneOf": [_ref(name) for name in events]},
         **events,
     }
@@ -180,6 +192,16 @@ def _spec() -> dict[str, Any]:
             "responses": {
                 "200": _json(_object({"build_id": _INT, "events": {"type": "array", "items": _ref("Event")}}),
                              "the events in order"),
+                "404": _NOT_FOUND,
+            }}},
+        "/api/builds/{build_id}/reports": {"get": {
+            "summary": "What the build reported to its forge (statuses, check-run updates) and how it went",
+            "parameters": [_BUILD_ID],
+            "responses": {
+                "200": _json(_object({"build_id": _INT, "check_run_id": _NULL_INT,
+                                      "reports": {"type": "array", "items": _ref("Report")}}),
+                             "the reports in order; ended ones are kept for REPORT_RETENTION_HOURS"),
+                "400": _BAD,
                 "404": _NOT_FOUND,
             }}},
         "/api/builds/{build_id}/log": {"get": {

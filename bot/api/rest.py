@@ -24,6 +24,7 @@ from starlette.routing import Route
 from bot import telemetry
 from bot import summary
 from bot.models import BuildStatus, builds
+from bot.reporters import outbox
 
 T = TypeVar("T")
 
@@ -191,6 +192,20 @@ async def build_events(request: Request) -> JSONResponse:
     return JSONResponse({"build_id": build_id, "events": events})
 
 
+async def build_reports(request: Request) -> JSONResponse:
+    """What the build owed its forge (commit statuses, check-run updates) and what became of
+    each: sent, pending with the next attempt's time and the last error, coalesced, dropped."""
+    build_id = build_id_of(request)
+    no_unknown_params(request)
+
+    def query(conn: Connection) -> dict[str, Any]:
+        build_row(conn, build_id)
+        check_run = conn.execute(select(builds.c.check_run_id).where(builds.c.id == build_id)).scalar_one()
+        return {"build_id": build_id, "check_run_id": check_run, "reports": outbox.reports_of(conn, build_id)}
+
+    return JSONResponse(await read(request.app, query))
+
+
 # -- the log ----------------------------------------------------------------------------------
 
 
@@ -309,5 +324,6 @@ routes = [
     Route("/api/builds/{build_id}", get_build),
     Route("/api/builds/{build_id}/events", build_events),
     Route("/api/builds/{build_id}/log", build_log),
+    Route("/api/builds/{build_id}/reports", build_reports),
     Route("/api/repos", list_repos),
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (JSON, Connection, Insert, and_, bindparam, case, delete, exists, insert, literal, or_, select,
                         update)
@@ -245,6 +246,25 @@ def prune(conn: Connection, ended_before: datetime, limit: int = 1000) -> int:
         .scalar_subquery()
     )
     return conn.execute(delete(reports).where(reports.c.id.in_(doomed))).rowcount
+
+
+def reports_of(conn: Connection, build_id: int) -> list[dict[str, Any]]:
+    """What a build owed its forge and what became of each report, in order (the API and the
+    dashboard show it: "why is my commit still pending?")."""
+    rows = conn.execute(select(reports).where(reports.c.build_id == build_id).order_by(reports.c.id))
+    return [
+        {
+            "id": r.id, "status": r.status, "state": r.state, "attempts": r.attempts, "targets": list(r.done),
+            "created_at": _iso(r.created_at), "sent_at": _iso(r.sent_at),
+            "next_attempt_at": _iso(r.next_attempt_at) if r.state == ReportState.pending.value else None,
+            "last_error": r.last_error,
+        }
+        for r in rows
+    ]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
 def pending_count(conn: Connection) -> int:
