@@ -338,26 +338,32 @@ def token_settings(db, github, **kw):
     return make_settings(db.url, github_api_url=github.url, github_token=TOKEN, **{**FAST, **kw})
 
 
-def test_a_rate_limit_holds_off_every_report_to_that_forge(db, github):
-    """GitHub's rate limits are per principal, not per request: once told to wait, the sender
-    sends nothing to GitHub before the time is up (GitHub may ban an integration that keeps
-    asking), then everything."""
-    github.secondary_rate_limit(retry_after=2, path_regex="/statuses/", count=1)
+def refused_then_more(db, github, settings, more: int) -> list[int]:
+    """One build's report is sent (and refused, as the test arranged); once the answer is in,
+    ``more`` builds are queued. All are reported; their ids."""
     forge = Forge(db)
 
     async def go():
-        sender = Sender(db, token_settings(db, github))
+        sender = Sender(db, settings)
         sending = asyncio.create_task(sender.run())
-        first = forge.queue(ref="refs/heads/a")
-        await until(lambda: github.requests and github.requests[0].status is not None)  # refused
-        later = [forge.queue(ref="refs/heads/b"), forge.queue(ref="refs/heads/c")]
+        first = forge.queue(ref="refs/heads/b0")
+        await until(lambda: github.requests and github.requests[0].status is not None)
+        later = [forge.queue(ref=f"refs/heads/b{n}") for n in range(1, more + 1)]
         sender.wake()
         await until_sent(db)
         sender.stop()
         await sending
         return [first, *later]
 
-    build_ids = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_rate_limit_holds_off_every_report_to_that_forge(db, github):
+    """GitHub's rate limits are per principal, not per request: once told to wait, the sender
+    sends nothing to GitHub before the time is up (GitHub may ban an integration that keeps
+    asking), then everything."""
+    github.secondary_rate_limit(retry_after=2, path_regex="/statuses/", count=1)
+    build_ids = refused_then_more(db, github, token_settings(db, github), more=2)
     limited, *after = github.requests
     assert limited.status == 403 and [r.status for r in after] == [201, 201, 201]
     assert min(r.at for r in after) - limited.at >= 2.0
@@ -369,21 +375,8 @@ def test_a_failing_forge_gets_one_probe_at_a_time_until_it_answers(db, github):
     """During an outage the sender holds the forge off, backing off, and then probes it with
     one report, not a batch of doomed requests; once one is answered, the rest go."""
     github.server_error(502, path_regex="/statuses/", count=3)
-    forge = Forge(db)
-
-    async def go():
-        sender = Sender(db, token_settings(db, github, report_retry_initial_seconds=0.2, report_retry_max_seconds=1.0))
-        sending = asyncio.create_task(sender.run())
-        first = forge.queue(ref="refs/heads/b0")
-        await until(lambda: github.requests and github.requests[0].status is not None)  # refused
-        later = [forge.queue(ref=f"refs/heads/b{n}") for n in range(1, 6)]
-        sender.wake()
-        await until_sent(db)
-        sender.stop()
-        await sending
-        return [first, *later]
-
-    build_ids = asyncio.run(go())
+    settings = token_settings(db, github, report_retry_initial_seconds=0.2, report_retry_max_seconds=1.0)
+    build_ids = refused_then_more(db, github, settings, more=5)
     failed, answered = github.requests[:3], github.requests[3:]
     assert [r.status for r in failed] == [502] * 3 and [r.status for r in answered] == [201] * 6
     # each probe came alone, after the hold (at least the lower half of the backoff, 0.1 s)
