@@ -16,7 +16,8 @@ import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,6 +116,28 @@ def expect(response: httpx.Response, *codes: int) -> Any:
     if not ok:
         pytest.fail(f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text[:2000]}")
     return response.json() if response.content else None
+
+
+@contextmanager
+def deploy_namespaces_lock(c: Cluster, timeout: float = 1200.0) -> Iterator[None]:
+    """Held by every test that creates deploy/kubernetes' own namespaces (``imagebot``,
+    ``imagebot-builds``: fixed names, as a user applies them), so that two test processes on
+    one machine never use them at once. A lock file in scripts/k8s' state dir."""
+    import fcntl
+
+    with open(c.kubeconfig.parent / "deploy-namespaces.lock", "a") as f:
+        def take() -> bool:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        poll(take, timeout, "the deploy namespaces' lock (another test process uses them)", interval=0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def create_namespace(c: Cluster, prefix: str = "imagebot-test", timeout: float = 30.0) -> str:

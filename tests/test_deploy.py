@@ -32,7 +32,9 @@ import pytest
 import yaml
 
 from bot.settings import Settings, load_settings
-from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, poll, wait_for_token
+from tests.k8s_cluster import (
+    Cluster, cluster, create_namespace, delete_namespace, deploy_namespaces_lock, expect, poll, wait_for_token,
+)
 from tests.support import infra
 
 # The first test may start (or, on a fresh machine, build) the cluster; the tests themselves
@@ -162,25 +164,27 @@ def k8s() -> Cluster:
 @pytest.fixture(scope="module")
 def deploy_namespaces(k8s: Cluster) -> Iterator[list[str]]:
     """deploy/kubernetes/namespace.yaml applied for real (namespaced dry runs need them);
-    the namespaces this created are deleted afterwards."""
+    the namespaces this created are deleted afterwards. Under the lock that keeps other test
+    processes (tests/e2e/test_deploy_in_cluster.py) out of these two namespaces meanwhile."""
     names = [o["metadata"]["name"] for o in all_objects() if o["kind"] == "Namespace"]
     assert sorted(names) == sorted([BOT_NAMESPACE, BUILD_NAMESPACE])
     created = []
-    with k8s.client() as api:
-        for name in names:
-            # a previous run's namespace may still be terminating: nothing can be created in it
-            def settled(name: str = name) -> bool:
-                response = api.get(f"/api/v1/namespaces/{name}")
-                if response.status_code == 404:
-                    created.append(name)
-                    return True
-                return expect(response)["status"].get("phase") == "Active"
+    with deploy_namespaces_lock(k8s):
+        with k8s.client() as api:
+            for name in names:
+                # a previous run's namespace may still be terminating: nothing can be created in it
+                def settled(name: str = name) -> bool:
+                    response = api.get(f"/api/v1/namespaces/{name}")
+                    if response.status_code == 404:
+                        created.append(name)
+                        return True
+                    return expect(response)["status"].get("phase") == "Active"
 
-            poll(settled, 60, f"namespace {name} to be gone or active", interval=0.2)
-    k8s.kubectl_run("apply", "-f", str(K8S_DIR / "namespace.yaml"))
-    yield names
-    for name in created:
-        delete_namespace(k8s, name)
+                poll(settled, 60, f"namespace {name} to be gone or active", interval=0.2)
+        k8s.kubectl_run("apply", "-f", str(K8S_DIR / "namespace.yaml"))
+        yield names
+        for name in created:
+            delete_namespace(k8s, name)
 
 
 @pytest.fixture
@@ -469,12 +473,16 @@ def test_the_bots_settings_in_the_manifests_are_valid(monkeypatch: pytest.Monkey
 
 
 def test_dockerfile_builds_the_bot_as_the_deployments_non_root_user() -> None:
-    """The bot's image cannot be built here (no base image can be pulled): its shape is checked."""
+    """Its shape (tests/e2e/test_deploy_in_cluster.py builds it, on a stand-in base, and runs it)."""
     text = DOCKERFILE.read_text()
     lines = [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip() and not line.startswith("#")]
-    froms = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))  # ARG NAME=default
+    froms = [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], line.split()[1])
+             for line in lines if line.startswith("FROM ")]
     assert froms and all(f == "python:3.11-slim" for f in froms), froms
-    assert re.search(r"pip install (--constraint|-c) constraints\.txt \.", text)
+    # the dependencies in a layer of their own, then the bot alone, both pinned
+    assert re.search(r"pip install (--constraint|-c) constraints\.txt -r requirements\.txt", text)
+    assert re.search(r"pip install --no-deps (--constraint|-c) constraints\.txt \.", text)
     for line in lines:
         if line.startswith("COPY ") and "--from=" not in line:
             *sources, _ = line.split()[1:]
