@@ -19,6 +19,7 @@ Event = dict[str, Any]
 #: Per-platform status after each event about that platform.
 _PLATFORM_STATUS = {
     "build_platform_started": "building",
+    "build_platform_retry": "building",
     "build_platform_succeeded": "built",
     "build_platform_failed": "failed",
     "tag_started": "tagging",
@@ -200,7 +201,7 @@ def timeline(platforms: list[str], events: list[Event], now: datetime) -> Timeli
             span.duration = at(event) - span.start
             span.outcome = outcome
             span.detail = _failure(data) if outcome == "failed" else _success_detail(name, data)
-        elif name in ("push_retry", "manifest_retry"):
+        elif name in ("build_platform_retry", "push_retry", "manifest_retry"):
             _add(lane, Span("retry", f"retry {data['attempt']}", at(event), data["delay_s"], "waiting",
                             f"attempt {data['attempt']} failed ({data['kind']}): {data['detail']}"))
         elif name in ("auth_refresh_succeeded", "auth_refresh_failed"):

@@ -76,6 +76,14 @@ class BuildPlatformStarted(_Event):
     image: str
 
 
+class BuildPlatformRetry(_Event):
+    attempt: int = Field(ge=1)  # the build attempt that failed pulling a base image
+    delay_s: float = Field(ge=0)
+    kind: str
+    refreshed: bool  # credentials were refreshed before this retry
+    detail: str
+
+
 class BuildPlatformSucceeded(_Timed):
     image_id: str
 
@@ -175,6 +183,7 @@ SCHEMAS: dict[str, type[_Event]] = {
     "fetch_succeeded": FetchSucceeded,
     "fetch_failed": FetchFailed,
     "build_platform_started": BuildPlatformStarted,
+    "build_platform_retry": BuildPlatformRetry,
     "build_platform_succeeded": BuildPlatformSucceeded,
     "build_platform_failed": BuildPlatformFailed,
     "tag_started": TagStarted,
@@ -195,7 +204,7 @@ SCHEMAS: dict[str, type[_Event]] = {
 
 #: Events about one platform's image must say which platform.
 PLATFORM_EVENTS = frozenset({
-    "build_platform_started", "build_platform_succeeded", "build_platform_failed",
+    "build_platform_started", "build_platform_retry", "build_platform_succeeded", "build_platform_failed",
     "tag_started", "tag_succeeded", "tag_failed",
     "push_started", "push_skipped", "push_retry", "push_succeeded", "push_failed",
 })

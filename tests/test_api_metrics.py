@@ -32,6 +32,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def failing_build() -> list[dict]:
     return events(
         (0, "build_started", None, {"attempt": 1}),
+        (1, "build_platform_retry", ARM, {"attempt": 1, "delay_s": 0.3, "kind": "network", "refreshed": False,
+                                          "detail": "connection refused"}),
         (1, "push_skipped", ARM, {"reason": "--no-push was given"}),
         (2, "push_failed", AMD, {"tag": "t", "kind": "denied", "attempts": 1, "retries": 0, "detail": "denied"}),
         (2, "auth_refresh_failed", AMD, {"registry": "r", "source": "settings", "kind": "auth", "message": "same"}),
@@ -57,6 +59,7 @@ def test_telemetry_is_counted_from_the_first_scrape_on(client, db):
     assert value(after, "imagebot_pushes_total", result="skipped", kind="", platform=ARM) == 1
     assert value(after, "imagebot_push_retries_total", kind="auth", platform=AMD) == 1
     assert value(after, "imagebot_push_retries_total", kind="registry", platform="") == 1
+    assert value(after, "imagebot_build_retries_total", kind="network", platform=ARM) == 1
     assert value(after, "imagebot_credential_refreshes_total", outcome="succeeded") == 1
     assert value(after, "imagebot_credential_refreshes_total", outcome="failed") == 1
     assert value(after, "imagebot_manifest_publications_total", result="published") == 1

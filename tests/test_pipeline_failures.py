@@ -1,7 +1,8 @@
 """The pipeline when registries misbehave, against real registries and the real engine:
 an outage mid-push, a password rotated mid-run, credentials that never work, a denied push,
-a fork's pull request, and zero retries. Faults are triggered by the pipeline's own
-telemetry (on ``tag_succeeded``, so the registry is down before the push starts)."""
+a fork's pull request, and zero retries; and the same faults met by the build pulling its
+base image from the registry. Faults are triggered by the pipeline's own telemetry (on
+``tag_succeeded``, so the registry is down before the push starts)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from bot.telemetry import Telemetry
 from tests.standins.credential_helper import ENV_VAR, CredentialHelper
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.standins.registry import HtpasswdRegistry, TokenRegistry
-from tests.support import make_settings
+from tests.support import make_settings, wait_until
 from tests.test_pipeline_run import PLATFORMS, database, events, new_build, services  # noqa: F401 - fixtures
 
 USER, PASSWORD = "bot", "first-password"
@@ -235,3 +236,125 @@ def test_a_build_against_a_token_auth_registry(tmp_path, services, database, tok
     assert events(database, build)[-1]["name"] == "manifest_published"
     scopes = [s for r in token_registry.token_server.requests[before:] if r.user == USER for s in r.scopes]
     assert any(s.startswith("repository:it/acme/app:") and "push" in s for s in scopes)
+
+
+# -- the build's base image, in the same authenticated registry ---------------------------------
+
+
+def rotate_once_the_bot_has_read(registry, helper, password: str) -> None:
+    """The registry's password changes right after the bot read its credentials and before
+    the build pulls its base: the registry was frozen (every pull waits for it), so once the
+    credential helper has answered the bot, the password rotates, then the registry answers."""
+    try:
+        wait_until(lambda: any(c["action"] == "get" for c in helper.calls()), what="the bot to read its credentials")
+        registry.set_password(USER, password)
+        helper.set(registry.host, USER, password)
+    finally:
+        registry.thaw()
+
+
+#: Settings that take the registry credentials from the test's credential helper.
+FROM_HELPER = dict(registry_password=None, registry_username=None, registry_credential_helper="imagebot-test")
+
+
+def use_helper(helper, monkeypatch) -> None:
+    """Let the bot find ``docker-credential-imagebot-test`` and its file."""
+    monkeypatch.setenv("PATH", helper.bin_dir + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv(ENV_VAR, str(helper.path))
+
+
+def of(seen: list[dict], name: str) -> list[dict]:
+    return [e for e in seen if e["name"] == name]
+
+
+def test_password_rotated_before_the_base_image_pull_refreshes_and_builds_again(
+        tmp_path, services, database, htpasswd_registry, monkeypatch):
+    base = seed_base(services, htpasswd_registry.host, USER, PASSWORD)
+    server, repo = forge_for(tmp_path, base)
+    helper = CredentialHelper(tmp_path / "creds.json", {htpasswd_registry.host: (USER, PASSWORD)})
+    use_helper(helper, monkeypatch)
+    settings = settings_on(htpasswd_registry, database, **FROM_HELPER)
+    htpasswd_registry.freeze()
+    started = {"done": False}
+
+    async def chaos(name, event):
+        if name == "build_platform_started" and not started["done"]:
+            started["done"] = True
+            await asyncio.to_thread(rotate_once_the_bot_has_read, htpasswd_registry, helper, "second-password")
+
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_with_chaos(settings, database, build, chaos)
+    seen = events(database, build)
+    assert outcome.status.value == "succeeded", (outcome, seen)
+    retries = of(seen, "build_platform_retry")
+    assert retries and all((r["data"]["kind"], r["data"]["refreshed"], r["data"]["delay_s"]) == ("auth", True, 0.0)
+                           for r in retries)
+    assert "unauthorized" in retries[0]["data"]["detail"]
+    refreshes = of(seen, "auth_refresh_succeeded")
+    assert refreshes[0]["platform"] in PLATFORMS
+    assert refreshes[0]["data"] == {"registry": htpasswd_registry.host, "source": "credential_helper", "changed": True}
+    for platform in {r["platform"] for r in retries}:
+        mine = [e["name"] for e in seen if e["platform"] == platform]
+        assert mine == ["build_platform_started", "auth_refresh_succeeded", "build_platform_retry",
+                        "build_platform_succeeded", "tag_started", "tag_succeeded", "push_started",
+                        "push_succeeded"], mine
+    assert not of(seen, "push_retry") and seen[-1]["name"] == "manifest_published"
+    assert "second-password" not in str(seen) and PASSWORD not in str(seen)
+
+
+def test_a_denied_base_image_fails_the_build_at_once_with_auth(tmp_path, services, database, token_registry):
+    base = seed_base(services, token_registry.host, USER, PASSWORD)
+    server, repo = forge_for(tmp_path, base)
+    token_registry.deny(USER, "base/busybox", ["pull"])
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_with_chaos(settings_on(token_registry, database), database, build, lambda *a: asyncio.sleep(0))
+    seen = events(database, build)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "auth"), outcome
+    assert "requested access to the resource is denied" in outcome.error_message
+    failed = of(seen, "build_platform_failed")
+    assert sorted(e["platform"] for e in failed) == PLATFORMS
+    assert all(e["data"]["kind"] == "auth" and "denied" in e["data"]["message"] for e in failed)
+    assert not [e for e in seen if e["name"] in ("build_platform_retry", "auth_refresh_succeeded",
+                                                 "auth_refresh_failed", "push_started")]
+
+
+def test_a_base_image_still_refused_after_the_refresh_fails_at_once_with_auth(
+        tmp_path, services, database, htpasswd_registry):
+    base = seed_base(services, htpasswd_registry.host, USER, PASSWORD)
+    server, repo = forge_for(tmp_path, base)
+    htpasswd_registry.set_password(USER, "nobody-told-the-bot")
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_with_chaos(settings_on(htpasswd_registry, database), database, build,
+                                 lambda *a: asyncio.sleep(0))
+    seen = events(database, build)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "auth"), outcome
+    assert "unauthorized" in outcome.error_message
+    refreshes = of(seen, "auth_refresh_succeeded")  # the same credentials again: no point building again
+    assert refreshes and all(e["data"]["changed"] is False for e in refreshes)
+    assert not of(seen, "build_platform_retry")
+    assert all(e["data"]["kind"] == "auth" for e in of(seen, "build_platform_failed"))
+
+
+def test_a_registry_outage_while_pulling_the_base_image_is_retried(tmp_path, services, database, htpasswd_registry):
+    base = seed_base(services, htpasswd_registry.host, USER, PASSWORD)
+    server, repo = forge_for(tmp_path, base)
+    htpasswd_registry.stop()
+    restarted = {"done": False}
+
+    async def chaos(name, event):
+        if name == "build_platform_retry" and not restarted["done"]:
+            restarted["done"] = True
+            await asyncio.to_thread(htpasswd_registry.start)
+
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_with_chaos(settings_on(htpasswd_registry, database), database, build, chaos)
+    seen = events(database, build)
+    assert outcome.status.value == "succeeded", (outcome, seen)
+    retries = of(seen, "build_platform_retry")
+    assert retries and all((r["data"]["kind"], r["data"]["refreshed"]) == ("network", False) for r in retries)
+    assert "connection refused" in retries[0]["data"]["detail"]
+    assert not of(seen, "auth_refresh_succeeded") and seen[-1]["name"] == "manifest_published"

@@ -10,6 +10,7 @@ from bot.pipeline.push import (
     Retry,
     RetryPolicy,
     classify,
+    pull_failure_kind,
     sanitize,
     with_retries,
 )
@@ -51,6 +52,16 @@ def anyio_backend() -> str:
 )
 def test_classify(detail, status, kind):
     assert classify(detail, status) == kind
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("auth", "auth"), ("denied", "auth"), ("network", "network"), ("registry", "registry"),
+     ("not_found", "not_found"), ("unknown", "build")],
+)
+def test_what_a_build_that_could_not_pull_its_base_image_fails_with(kind, expected):
+    # a denied base image is reported as auth; the unclassified is the Dockerfile's own failure
+    assert pull_failure_kind(kind) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,14 @@
-"""Pure parts of the Docker runtime (the engine itself is exercised by the pipeline tests)."""
+"""Pure parts of the Docker runtime, and what its build raises on the real engine when a base
+image is refused (the rest of the engine's work is exercised by the pipeline tests)."""
 
-from bot.runtimes.docker import _lines, platform_mixup
+import asyncio
+
+from pydantic import SecretStr
+
+from bot.pipeline.credentials import Credentials
+from bot.runtimes import BuildError, BuildJob, PullError
+from bot.runtimes.docker import DockerRuntime, _lines, platform_mixup
+from tests.test_pipeline_run import services  # noqa: F401 - fixture
 
 
 def test_platform_mixup_is_recognised():
@@ -60,3 +68,47 @@ def test_dockerfile_bases():
     assert _split_ref("registry.local:5000/base/busybox:1.2") == ("registry.local:5000/base/busybox", "1.2")
     assert _split_ref("ghcr.io/acme/tool@sha256:abc") == ("ghcr.io/acme/tool@sha256:abc", None)
     assert _split_ref("busybox") == ("busybox", "latest")
+
+
+def build_once(tmp_path, dockerfile: str, credentials: dict[str, Credentials] | None):
+    """One DockerRuntime build of ``dockerfile``; the image id, or the exception it raised."""
+    (tmp_path / "ctx").mkdir(exist_ok=True)
+    (tmp_path / "ctx" / "Dockerfile").write_text(dockerfile)
+    job = BuildJob(context=tmp_path / "ctx", dockerfile=tmp_path / "ctx" / "Dockerfile", platform="linux/amd64",
+                   tag=None, build_args={}, labels={}, pull_credentials=credentials)
+
+    async def go():
+        lines: list[str] = []
+
+        async def log(batch: list[str]) -> None:
+            lines.extend(batch)
+
+        try:
+            return await DockerRuntime().build(job, log)
+        except (BuildError, PullError) as exc:
+            return exc
+
+    return asyncio.run(go())
+
+
+def test_a_refused_base_image_is_a_pull_error_and_a_failing_run_a_build_error(tmp_path, services):  # noqa: F811
+    from tests.standins.registry import HtpasswdRegistry
+    from tests.test_pipeline_failures import seed_base
+
+    with HtpasswdRegistry(tmp_path / "reg", users={"bot": "first"}) as registry:
+        base = seed_base(services, registry.host, "bot", "first")
+        first = {registry.host: Credentials("bot", SecretStr("first"))}
+        registry.set_password("bot", "second")
+        refused = build_once(tmp_path, f"FROM {base}\nRUN true\n", first)
+        assert isinstance(refused, PullError), refused
+        assert (refused.kind, refused.detail) == ("auth", "unauthorized: authentication required")
+
+        second = {registry.host: Credentials("bot", SecretStr("second"))}
+        failing = build_once(tmp_path, f"FROM {base}\nRUN echo 'unauthorized: denied' && exit 3\n", second)
+        assert isinstance(failing, BuildError) and not isinstance(failing, PullError)
+        assert (failing.kind, failing.message.endswith("returned a non-zero code: 3")) == ("build", True)
+
+        assert build_once(tmp_path, f"FROM {base}\nRUN true\n", second).startswith("sha256:")
+        registry.stop()
+        down = build_once(tmp_path, f"FROM {base}\nRUN true\n", second)
+        assert isinstance(down, PullError) and down.kind == "network" and "connection refused" in down.detail

@@ -270,6 +270,91 @@ def test_a_denied_push_fails_at_once(k8s, services, database, namespace, bot_kub
     assert failed and all((e["data"]["kind"], e["data"]["attempts"]) == ("denied", 1) for e in failed)
 
 
+# -- the build's base image in the same registry (the Docker runtime's: tests/test_pipeline_failures.py) --
+
+
+def released(k8s: Cluster, namespace: str) -> bool:
+    """The bot let go of everything: no Job is left and every pod is being deleted. (How soon
+    the kubelet then removes a pod whose build step failed varies from seconds to a minute on
+    this 1.20 node, independent of the bot; that is the cluster's business.)"""
+    jobs, pods = jobs_and_pods(k8s, namespace)
+    return not jobs and all(p["metadata"].get("deletionTimestamp") for p in pods)
+
+
+def test_password_rotated_before_the_base_image_pull_patches_the_secret_and_builds_again(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path, htpasswd_registry, monkeypatch):
+    from tests.standins.credential_helper import CredentialHelper
+    from tests.test_pipeline_failures import FROM_HELPER, PASSWORD, USER, rotate_once_the_bot_has_read, use_helper
+
+    server, repo = private_forge(tmp_path, services, htpasswd_registry)
+    helper = CredentialHelper(tmp_path / "creds.json", {htpasswd_registry.host: (USER, PASSWORD)})
+    use_helper(helper, monkeypatch)
+    settings = on_registry(k8s, htpasswd_registry, database, namespace, bot_kubeconfig, **FROM_HELPER)
+    htpasswd_registry.freeze()  # the pods' pulls wait until the password has changed
+    started = {"done": False}
+
+    async def chaos(message):
+        if message["type"] == "event" and message["event"]["name"] == "build_platform_started" and not started["done"]:
+            started["done"] = True
+            await asyncio.to_thread(rotate_once_the_bot_has_read, htpasswd_registry, helper, "second-password")
+
+    with server:
+        build = new_build(database, server, repo)
+        outcome = run_watching(settings, database, build, chaos)
+    seen = events(database, build)
+    assert outcome.status.value == "succeeded", (outcome.error_message, seen)
+    retries = [e for e in seen if e["name"] == "build_platform_retry"]
+    assert retries and all((e["platform"] in PLATFORMS, e["data"]["kind"], e["data"]["refreshed"]) == (True, "auth", True)
+                           for e in retries)
+    assert "unauthorized" in retries[0]["data"]["detail"]
+    names = [e["name"] for e in seen]
+    assert names.index("auth_refresh_succeeded") < names.index("build_platform_retry") < names.index("push_succeeded")
+    assert next(e for e in seen if e["name"] == "auth_refresh_succeeded")["data"]["changed"] is True
+    assert not [e for e in seen if e["name"] == "push_retry"]  # the push ran with the new credentials
+    auth = registry_secret(k8s, namespace)["auths"][htpasswd_registry.host]["auth"]
+    assert base64.b64decode(auth).decode() == f"{USER}:second-password"
+    assert "second-password" not in json.dumps(seen) and PASSWORD not in json.dumps(seen)
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
+
+
+def test_a_denied_base_image_fails_the_build_at_once_with_auth(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    from tests.standins.registry import TokenRegistry
+    from tests.test_pipeline_failures import PASSWORD, USER
+
+    with TokenRegistry(tmp_path / "treg", users={USER: PASSWORD}) as registry:
+        server, repo = private_forge(tmp_path, services, registry)
+        registry.deny(USER, "base/busybox", ["pull"])
+        with server:
+            build = new_build(database, server, repo)
+            outcome = run_watching(on_registry(k8s, registry, database, namespace, bot_kubeconfig), database, build,
+                                   lambda m: asyncio.sleep(0))
+    seen = events(database, build)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "auth"), outcome
+    assert "requested access to the resource is denied" in outcome.error_message
+    failed = [e for e in seen if e["name"] == "build_platform_failed"]
+    assert failed and all(e["data"]["kind"] == "auth" for e in failed)
+    assert not [e for e in seen if e["name"] in ("build_platform_retry", "auth_refresh_succeeded",
+                                                 "auth_refresh_failed", "push_started")]
+    poll(lambda: released(k8s, namespace), 60, "the Jobs deleted after giving up")
+
+
+def test_a_failing_run_step_is_the_builds_failure_whatever_it_prints(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    files = {"Dockerfile": f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\n"
+                           "RUN echo 'unauthorized: authentication required' && exit 3\n",
+             ".imagebot.yml": "platforms: [linux/amd64]\n"}
+    repo = make_repo(tmp_path / "srv", "acme/app", files)
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig)
+    with GitHTTPServer(tmp_path / "srv") as server:
+        build = new_build(database, server, repo)
+        outcome = run(settings, database, build)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "build"), outcome
+    assert "the build step exited 3" in outcome.error_message and "RUN echo" in outcome.error_message
+    assert not [e for e in events(database, build) if e["name"] == "build_platform_retry"]
+    poll(lambda: released(k8s, namespace), 60, "the Jobs deleted")
+
+
 def test_a_platform_no_node_can_run_fails_clearly_in_time(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
     repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_TEST_BASE_IMAGE"]))
     settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, platforms=["linux/arm64"],

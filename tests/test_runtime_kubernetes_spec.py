@@ -16,6 +16,7 @@ from bot.runtimes.kubernetes import (
     KubernetesRuntime,
     dockerconfigjson,
     job_name,
+    never_heals,
     split_auth_note,
     stuck_reason,
     terminations,
@@ -105,3 +106,9 @@ def test_pods_that_will_never_run_say_why():
         {"name": "build", "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}}}]}}
     assert stuck_reason(stuck) == "build: ErrImageNeverPull: image not present"
     assert stuck_reason({"status": {}}) is None
+    assert never_heals(stuck_reason(stuck))
+    lagging = {"status": {"containerStatuses": [{"name": "push", "state": {"waiting": {
+        "reason": "CreateContainerConfigError",
+        "message": "failed to sync secret cache: timed out waiting for the condition"}}}]}}
+    assert not never_heals(stuck_reason(lagging))  # the kubelet tries again by itself
+    assert never_heals("push: CreateContainerConfigError: secret \"imagebot-registry\" not found")

@@ -153,3 +153,18 @@ def test_nothing_yet():
     line = summary.timeline([AMD], [], now=T0)
     assert (line.total, [lane.name for lane in line.lanes]) == (0.0, ["build", AMD])
     assert summary.platform_results([AMD], [])[0]["status"] == "pending"
+
+
+def test_a_build_that_pulls_its_base_image_again_shows_the_refresh_and_the_retry():
+    seen = events(
+        (0, "build_started", None, {"attempt": 1}),
+        (1, "build_platform_started", AMD, {"image": "i"}),
+        (3, "auth_refresh_succeeded", AMD, {"registry": "r", "source": "credential_helper", "changed": True}),
+        (3, "build_platform_retry", AMD, {"attempt": 1, "delay_s": 0.0, "kind": "auth", "refreshed": True,
+                                          "detail": "unauthorized: authentication required"}),
+    )
+    (amd,) = summary.platform_results([AMD], seen)
+    assert (amd["status"], amd["credential_refreshes"], amd["push_attempts"]) == ("building", 1, 0)
+    lane = summary.timeline([AMD], seen, now=T0 + timedelta(seconds=4)).lanes[1]
+    assert [(s.kind, s.outcome) for s in lane.spans] == [("build", "running"), ("auth", "ok"), ("retry", "waiting")]
+    assert "attempt 1 failed (auth): unauthorized" in lane.spans[2].detail

@@ -22,6 +22,8 @@ EXAMPLES: dict[str, tuple[str | None, dict]] = {
     "fetch_succeeded": (None, {"duration_s": 0.4, "sha": "a" * 40, "method": "sha"}),
     "fetch_failed": (None, {"kind": "not_found", "message": "repository not found"}),
     "build_platform_started": ("linux/arm64", {"image": "r/acme/app:sha-aaaaaaa-linux-arm64"}),
+    "build_platform_retry": ("linux/arm64", {"attempt": 1, "delay_s": 0.0, "kind": "auth", "refreshed": True,
+                                             "detail": "unauthorized: authentication required"}),
     "build_platform_succeeded": ("linux/arm64", {"duration_s": 30.1, "image_id": "sha256:" + "b" * 64}),
     "build_platform_failed": ("linux/arm64", {"kind": "build", "message": "RUN failed", "duration_s": 2.0}),
     "tag_started": ("linux/amd64", {"image_id": "sha256:" + "b" * 64, "tag": "r/acme/app:x"}),

@@ -72,6 +72,10 @@ class Metrics:
             "imagebot_push_retries", "Retries of pushes (platform set) and manifest publications "
             "(platform empty), by the failure kind that caused them.", ["kind", "platform"], registry=r,
         )
+        self.build_retries = Counter(
+            "imagebot_build_retries", "Builds run again because a base image could not be pulled, by the "
+            "failure kind that caused them.", ["kind", "platform"], registry=r,
+        )
         self.credential_refreshes = Counter(
             "imagebot_credential_refreshes", "Registry credential refreshes, by outcome.", ["outcome"], registry=r,
         )
@@ -109,6 +113,8 @@ class Metrics:
             self.pushes.labels("skipped", "", platform).inc()
         elif name in ("push_retry", "manifest_retry"):
             self.push_retries.labels(data["kind"], platform).inc()
+        elif name == "build_platform_retry":
+            self.build_retries.labels(data["kind"], platform).inc()
         elif name == "auth_refresh_succeeded":
             self.credential_refreshes.labels("succeeded").inc()
         elif name == "auth_refresh_failed":

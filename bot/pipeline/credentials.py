@@ -77,6 +77,7 @@ class RegistryCredentials:
         self._current: Credentials | None = None
         self._lock = asyncio.Lock()
         self.generation = 0  # how many times credentials were (re)read
+        self._changed_at = 0  # the generation that last brought different credentials
 
     @property
     def configured(self) -> bool:
@@ -91,21 +92,25 @@ class RegistryCredentials:
             if self._current is None:
                 self._current = await self._read()
                 self.generation += 1
+                self._changed_at = self.generation
             return self._current
 
     async def refresh(self, seen_generation: int | None = None) -> tuple[Credentials, bool]:
         """Read the source again; (credentials, whether they changed). Raises CredentialsError.
 
-        ``seen_generation``: the generation the caller failed with; if another push refreshed
-        since, its result is used instead of reading again.
+        ``seen_generation``: the generation the caller failed with; if another caller refreshed
+        since, its result is used instead of reading again (changed: whether the credentials
+        differ from the ones the caller failed with).
         """
         async with self._lock:
             if seen_generation is not None and self.generation > seen_generation and self._current:
-                return self._current, True
+                return self._current, self._changed_at > seen_generation
             fresh = await self._read()
             changed = self._current is None or fresh != self._current
             self._current = fresh
             self.generation += 1
+            if changed:
+                self._changed_at = self.generation
             return fresh, changed
 
     async def _read(self) -> Credentials:

@@ -11,6 +11,10 @@ stream starts, an HTTP error from the registry API) becomes one :class:`Registry
 - ``registry``: the registry's own trouble (5xx, TOOMANYREQUESTS); retried, honouring hints;
 - ``unknown``: anything else; not retried (retrying the unknown hides bugs).
 
+A build whose base image could not be pulled fails with the same kinds (the runtime's
+``PullError``), and is retried, refreshed or given up by the same policy; what the build step
+then reports is :func:`pull_failure_kind`.
+
 Classification is a plain function of the text (and HTTP status, where there is one), tested
 without I/O. Retries use tenacity: exponential backoff with jitter, bounded by settings, and
 zero retries means one attempt.
@@ -77,6 +81,21 @@ def classify(detail: str, status: int | None = None) -> str:
         if any(word in text for word in words):
             return kind
     return "unknown"
+
+
+#: What a build step that could not pull its base image fails with, per registry failure kind.
+_PULL_FAILURE_KINDS = {"auth": "auth", "denied": "auth", "network": "network", "registry": "registry",
+                       "not_found": "not_found"}
+
+
+def pull_failure_kind(kind: str) -> str:
+    """The kind a build fails with when pulling its base image failed with ``kind``.
+
+    A denial is ``auth`` too: for a base image the registry refuses these credentials, and
+    nothing the repository changes mends it (the commit status says error, not failure). An
+    unclassified failure is the build's own (``build``), as it was before pulls were told apart.
+    """
+    return _PULL_FAILURE_KINDS.get(kind, "build")
 
 
 class RegistryError(Exception):

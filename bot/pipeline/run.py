@@ -11,7 +11,7 @@ import asyncio
 import platform as host_platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -22,7 +22,7 @@ from bot.pipeline.config import ConfigError, RepoConfig, load_config, resolve_pa
 from bot.pipeline.credentials import Credentials, CredentialsError, RegistryCredentials
 from bot.pipeline.fetch import TOKEN_USERS, Checkout, FetchError, fetch, masker
 from bot.pipeline.manifest import Descriptor, RegistryClient, manifest_list
-from bot.pipeline.push import Exhausted, RegistryError, Retry, RetryPolicy, with_retries
+from bot.pipeline.push import Exhausted, RegistryError, Retry, RetryPolicy, pull_failure_kind, with_retries
 from bot.reporters.errors import ReportError
 from bot.reporters.github import GitHubClient
 from bot.runtimes import BuildError, BuildJob, Runtime, Source, runtime_for
@@ -227,11 +227,10 @@ class Pipeline:
         target = f"{plan.image or 'imagebot.invalid/' + build.repo.lower()}:{tags.platform_tag(build.sha, platform)}"
         await self.emit(build, "build_platform_started", platform, image=target)
         started = time.monotonic()
-        pull = {credentials.registry: c} if credentials and (c := await self._quiet_get(credentials)) else None
         job = BuildJob(
             context=context, dockerfile=dockerfile, platform=platform, tag=None,
             build_args={**plan.build_args, **tags.buildkit_args(platform, build_platform())},
-            labels=plan.labels, target=plan.target, pull_credentials=pull,
+            labels=plan.labels, target=plan.target, pull_credentials=None,
             image=target, source=source, build_id=build.id, push=plan.push, secrets=plan.secrets,
         )
         try:
@@ -243,7 +242,7 @@ class Pipeline:
                               credentials: RegistryCredentials | None, started: float) -> PlatformResult:
         platform = job.platform
         try:
-            image_id = await self.runtime.build(job, lambda lines: self.log(build, platform, lines, plan.secrets))
+            image_id = await self._build(build, plan, job, credentials)
         except BuildError as exc:
             await self.emit(build, "build_platform_failed", platform, kind=exc.kind, message=exc.message,
                             duration_s=_since(started))
@@ -253,6 +252,45 @@ class Pipeline:
             await self.emit(build, "push_skipped", platform, reason=plan.skip_reason or "not pushed")
             return PlatformResult(platform, True)
         return await self._tag_and_push(build, plan, platform, image_id, target, credentials)
+
+    async def _build(self, build: Build, plan: Plan, job: BuildJob, credentials: RegistryCredentials | None) -> str:
+        """Build one platform; the image id. Raises BuildError.
+
+        Pulling a base image from an authenticated registry is a registry call like a push,
+        and fails the same ways: a refused pull (credentials rotated since the build got them)
+        refreshes the credentials once and builds again with the new ones, a network fault is
+        retried under the push's policy, a denial (or credentials that are still refused after
+        the refresh) fails at once with kind ``auth`` and the registry's words.
+        """
+        platform = job.platform
+        generation = 0
+
+        async def attempt() -> str:
+            nonlocal generation
+            pull = await self._pull_credentials(credentials)
+            generation = credentials.generation if credentials else 0
+            return await self.runtime.build(replace(job, pull_credentials=pull),
+                                            lambda lines: self.log(build, platform, lines, plan.secrets))
+
+        async def on_retry(retry: Retry) -> None:
+            await self.emit(build, "build_platform_retry", platform, attempt=retry.attempt, delay_s=retry.delay_s,
+                            kind=retry.kind, refreshed=retry.refreshed, detail=retry.detail)
+
+        async def refresh() -> bool:
+            # building again with the very credentials the registry just refused is pointless
+            return await self._refresh(build, platform, credentials, generation, require_change=True)
+
+        try:
+            return (await with_retries(attempt, self.policy, refresh=refresh, on_retry=on_retry)).value
+        except Exhausted as exc:
+            tries = f" ({exc.attempts} attempts)" if exc.attempts > 1 else ""
+            raise BuildError(pull_failure_kind(exc.error.kind),
+                             f"pulling a base image failed{tries}: {exc.error.detail}") from None
+
+    async def _pull_credentials(self, credentials: RegistryCredentials | None) -> dict[str, Credentials] | None:
+        """The registry credentials a build may pull its base images with, as they are now."""
+        current = await self._quiet_get(credentials) if credentials else None
+        return {credentials.registry: current} if credentials and current else None
 
     async def _tag_and_push(self, build: Build, plan: Plan, platform: str, image_id: str, target: str,
                             credentials: RegistryCredentials | None) -> PlatformResult:
@@ -312,7 +350,9 @@ class Pipeline:
             return None  # the push will fail with kind auth and say why
 
     async def _refresh(self, build: Build, platform: str | None, credentials: RegistryCredentials | None,
-                       generation: int) -> bool:
+                       generation: int, require_change: bool = False) -> bool:
+        """Read the credentials again; whether the failed call is worth another attempt
+        (with ``require_change``: only if the source answered different credentials)."""
         if credentials is None:
             return False
         try:
@@ -323,7 +363,7 @@ class Pipeline:
             return False
         await self.emit(build, "auth_refresh_succeeded", platform, registry=credentials.registry,
                         source=credentials.source, changed=changed)
-        return True
+        return changed or not require_change
 
     # -- the manifest list ----------------------------------------------------------------------
 

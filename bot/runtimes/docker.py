@@ -23,9 +23,9 @@ from docker.errors import APIError, DockerException
 from bot.pipeline.credentials import Credentials
 from bot.pipeline.push import RegistryError
 from bot.pipeline.tags import platform_parts
-from bot.runtimes import BuildError, BuildJob, LogSink, Pushed
+from bot.runtimes import BuildError, BuildJob, LogSink, PullError, Pushed, last_step, pull_failure
 
-__all__ = ["BuildError", "BuildJob", "DockerRuntime", "Pushed"]
+__all__ = ["BuildError", "BuildJob", "DockerRuntime", "PullError", "Pushed"]
 
 class _Engine(docker.APIClient):
     """An engine client that sends exactly the registry credentials it was given.
@@ -147,6 +147,11 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
     return name, tag
 
 
+def _secrets(job: BuildJob) -> tuple[str, ...]:
+    """What must not reach a message: secret build args and the registry passwords."""
+    return job.secrets + tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
+
+
 def platform_mixup(message: str) -> bool:
     """The engine's error when a shared base image tag moved to another platform mid-build."""
     return "does not match the specified platform" in message
@@ -179,7 +184,8 @@ class DockerRuntime:
         self._from_lock = asyncio.Lock()
 
     async def build(self, job: BuildJob, log: LogSink) -> str:
-        """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`.
+        """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`, or
+        :class:`PullError` when the registry refused (or could not serve) a base image.
 
         The classic builder resolves ``FROM name:tag`` through the engine's one local tag, so
         two platforms of one build pulling the same base at once can find each other's image
@@ -198,10 +204,11 @@ class DockerRuntime:
         engine = _engine(job.pull_credentials, self.timeout)
         image_id: str | None = None
         error: str | None = None
+        step: str | None = None  # the step the build is at, as its log says
         first_from = FromWatch()
 
         async def handle(items: list[dict]) -> None:
-            nonlocal image_id, error
+            nonlocal image_id, error, step
             for item in items:
                 if "error" in item or "errorDetail" in item:
                     detail = item.get("errorDetail") or {}
@@ -211,6 +218,7 @@ class DockerRuntime:
                     image_id = aux["ID"]
             lines = _lines(items)
             first_from.feed(lines)
+            step = last_step(lines, step)
             await log(lines)
 
         pinned = False
@@ -238,7 +246,7 @@ class DockerRuntime:
             engine.close()
         if error is not None:
             await log([f"ERROR: {error}"])
-            raise BuildError("build", error)
+            raise pull_failure(step, error, _secrets(job)) or BuildError("build", error)
         if image_id is None:
             raise BuildError("build", "the engine finished the build without an image id")
         return image_id

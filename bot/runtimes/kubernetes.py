@@ -18,6 +18,10 @@ policy in the pipeline. A refresh patches the Secret before the next start, so a
 password heals without anyone stepping in. Giving up, finishing or being cancelled deletes the
 Job (its pod with it) and the per-build Secret.
 
+The ``build`` container is followed the same way: a run that failed pulling a base image (its
+termination message names the failing FROM step and buildah's error) is one build attempt, a
+classified PullError, and the kubelet's next run (with the patched Secret) is the next one.
+
 The client is kubernetes_asyncio: the official client's generated code for asyncio, which loads
 kubeconfigs and in-cluster config like kubectl does; its core/v1 and batch/v1 calls are the
 same on 1.20 and on current servers. Answers are read as plain JSON (``_preload_content=False``)
@@ -50,7 +54,7 @@ from bot.pipeline.fetch import git_env
 from bot.pipeline.manifest import RegistryClient
 from bot.pipeline.push import RegistryError, sanitize
 from bot.pipeline.tags import platform_parts, split_image
-from bot.runtimes import BuildError, BuildJob, LogSink, Pushed
+from bot.runtimes import BuildError, BuildJob, LogSink, PullError, Pushed, is_step, last_step, pull_failure
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,12 +66,18 @@ LABEL_PLATFORM = "imagebot.dev/platform"
 STUCK = frozenset({"ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError",
                    "CreateContainerError", "ImageInspectError"})
 PULL_TROUBLE = frozenset({"ErrImagePull", "ImagePullBackOff"})
+#: ... except when the kubelet only has not caught up with a Secret yet (it tries again).
+CACHE_CATCHING_UP = ("failed to sync secret cache", "failed to sync configmap cache")
+#: How long a failed build run's log may take to reach the build log.
+LOG_DRAIN_SECONDS = 5.0
 
 # The default scripts: POSIX sh, every input from the environment (never spliced into the
 # script), so a branch name or a build arg cannot become a command.
 BUILD_SCRIPT = r"""set -eu
 cd /work
+rm -f /work/auth.json /work/build.rc
 if [ -n "${REGISTRY_AUTH:-}" ]; then printf '%s' "$REGISTRY_AUTH" > /work/auth.json; fi
+used=$(printf '%s' "${REGISTRY_AUTH:-}" | sha256sum | cut -d' ' -f1)
 git init -q src && cd src
 if ! git fetch -q --depth 1 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_SHA" 2>/dev/null; then
   git fetch -q --depth 50 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_REF"
@@ -79,8 +89,15 @@ if [ -s /work/auth.json ]; then set -- "$@" --authfile /work/auth.json; fi
 if [ -n "${IMAGEBOT_TARGET:-}" ]; then set -- "$@" --target "$IMAGEBOT_TARGET"; fi
 while IFS= read -r arg; do [ -n "$arg" ] && set -- "$@" --build-arg "$arg"; done < /imagebot/build-args
 while IFS= read -r label; do [ -n "$label" ] && set -- "$@" --label "$label"; done < /imagebot/labels
-exec buildah --root /work/storage --runroot /work/run --storage-driver vfs bud --isolation chroot \
-  --tls-verify="$IMAGEBOT_TLS_VERIFY" "$@" "$IMAGEBOT_CONTEXT"
+{ buildah --root /work/storage --runroot /work/run --storage-driver vfs bud --isolation chroot \
+  --tls-verify="$IMAGEBOT_TLS_VERIFY" "$@" "$IMAGEBOT_CONTEXT" 2>&1 || echo "$?" > /work/build.rc; } | tee /work/build.log
+[ -s /work/build.rc ] || exit 0
+# the step that failed and buildah's error lines (a FROM step: the registry's words on a base
+# image), and which credentials this run had: the kubelet may restart it before it sees a new Secret
+{ grep -E '^(\[[0-9]+/[0-9]+\] )?STEP [0-9]+/[0-9]+: ' /work/build.log | tail -n 1 | cut -c 1-500
+  { sed -n '/^Error: /,$p' /work/build.log | grep . || tail -n 5 /work/build.log; } | tail -c 2000; echo
+  echo "imagebot-auth: $used"; } > /dev/termination-log
+exit "$(cat /work/build.rc)"
 """
 PUSH_SCRIPT = r"""set -u
 auth=${REGISTRY_AUTH:-}
@@ -165,6 +182,13 @@ def stuck_reason(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def never_heals(reason: str) -> bool:
+    """Whether a stuck reason (:func:`stuck_reason`) is final, rather than the kubelet's Secret
+    cache lagging behind a Secret created a moment before the pod ("failed to sync secret
+    cache: timed out waiting for the condition", seen on 1.20), which it retries by itself."""
+    return any(r in reason for r in STUCK) and not any(words in reason for words in CACHE_CATCHING_UP)
+
+
 def split_auth_note(message: str) -> tuple[str, str | None]:
     """A failed push's termination message: the registry's words, and the fingerprint of the
     credentials that run had (None when the script did not say)."""
@@ -191,8 +215,14 @@ class _Platform:
     name: str
     job: BuildJob
     log: LogSink
+    built: int = 0  # build runs already handed to the pipeline
     seen: int = 0  # push attempts already handed to the pipeline
-    followers: list[asyncio.Task] = field(default_factory=list)
+    followers: dict[int, asyncio.Task] = field(default_factory=dict)  # build run -> its log stream
+
+    @property
+    def has_registry_auth(self) -> bool:
+        """Whether the pod gets the registry Secret (untrusted builds never do)."""
+        return bool(self.job.push or self.job.pull_credentials)
 
 
 class KubernetesRuntime:
@@ -338,24 +368,40 @@ class KubernetesRuntime:
         if s.k8s_service_account:
             pod["serviceAccountName"] = s.k8s_service_account
         attempts = s.push_retries + 1
+        # each build and each push may run ``attempts`` times, and once more each when the
+        # kubelet restarted it before it saw refreshed credentials
+        runs = 2 * (attempts + 1)
         return {
             "apiVersion": "batch/v1",
             "kind": "Job",
             "metadata": {"name": name, "labels": self._labels(job)},
             "spec": {
                 # the bot decides when to give up; the Job controller must not decide first
-                "backoffLimit": attempts + 3,
-                "activeDeadlineSeconds": int(s.build_timeout_seconds + attempts * s.push_timeout_seconds),
+                "backoffLimit": runs + 3,
+                "activeDeadlineSeconds": int(attempts * (s.build_timeout_seconds + s.push_timeout_seconds)),
                 "template": {"metadata": {"labels": self._labels(job)}, "spec": pod},
             },
         }
 
     async def build(self, job: BuildJob, log: LogSink) -> str:
-        """Start (or adopt) the platform's Job and wait for its build step; the image is the
-        platform tag itself (buildah built straight into it)."""
+        """One build attempt: start (or adopt) the platform's Job and wait for its build step's
+        run; the image is the platform tag itself (buildah built straight into it).
+
+        Called again after a PullError, it patches the registry Secret with the new
+        ``pull_credentials`` and waits for the build step's next run (the kubelet restarts a
+        failed init container by itself, reading the Secret again)."""
         if job.source is None or job.image is None or job.build_id is None:
             raise BuildError("runtime", "the Kubernetes runtime needs the commit's source and the image name")
         name = job_name(job.build_id, job.platform)
+        state = self._platforms.get(job.image)
+        if state is None or state.name != name:
+            state = await self._start(name, job, log)
+        elif job.pull_credentials and await self.write_registry_secret(job.pull_credentials):
+            await log(["imagebot: registry Secret updated for the next build run"])
+        return await self._build_run(state)
+
+    async def _start(self, name: str, job: BuildJob, log: LogSink) -> _Platform:
+        """Create the platform's Job (or adopt the one an earlier worker left running)."""
         state = _Platform(name, job, log)
         self._platforms[job.image] = state
         if job.pull_credentials:
@@ -372,16 +418,51 @@ class KubernetesRuntime:
             await self._call(f"creating Job {name}", batch.create_namespaced_job, self.namespace,
                              self.job_manifest(name, job))
             await log([f"imagebot: Job {self.namespace}/{name} created"])
-        pod = await self._until(state, lambda pod: self._build_ended(pod), "its build step")
-        status = container_status(pod, "build", init=True)
-        ended = terminations(status)[-1]
-        if ended.exit_code != 0:
-            raise BuildError("build", f"the build step exited {ended.exit_code}: "
-                                      f"{sanitize(ended.message, job.secrets) if ended.message else 'see the log'}")
-        return job.image
+        return state
 
-    def _build_ended(self, pod: dict[str, Any]) -> bool:
-        return bool(terminations(container_status(pod, "build", init=True)))
+    async def _build_run(self, state: _Platform) -> str:
+        """Wait for the build step's next run; its image, or why it failed."""
+        def ended(pod: dict[str, Any]) -> bool:
+            return _next_run(pod, "build", state.built, init=True) is not None or _pod_over(pod)
+
+        while True:
+            pod = await self._until(state, ended, "its build step")
+            runs = _unseen_runs(pod, "build", state.built, init=True)
+            # a run that built is the end (an adopted Job may also show a failed run before it)
+            run = next((r for r in runs if r.exit_code == 0), runs[0] if runs else None)
+            if run is None:
+                raise BuildError("runtime", f"the pod of {state.name} ended ({pod['status']['phase']}) "
+                                            "with no build run left to wait for")
+            state.built = run.attempt
+            if run.exit_code == 0:
+                assert state.job.image is not None
+                return state.job.image
+            await self._drained(state, run.attempt)
+            failure, used = self._failure(state, run)
+            if not (isinstance(failure, PullError) and self._replaced(state, used)):
+                raise failure
+            # As with a push: the kubelet restarted the build before it saw the patched Secret;
+            # that run could not have pulled, and is not an attempt.
+            await state.log([f"imagebot: build run {run.attempt} had replaced credentials; waiting for the next run"])
+
+    def _failure(self, state: _Platform, run: Termination) -> tuple[BuildError | PullError, str | None]:
+        """Why a build run failed, from its termination message (the failing step, the
+        engine's error lines), and the fingerprint of the credentials it had."""
+        detail, used = split_auth_note(run.message)
+        secrets = self._secrets(state)
+        pulled = pull_failure(last_step(detail.splitlines()), _error_lines(detail), secrets)
+        if pulled is not None:
+            return pulled, used
+        return BuildError("build", f"the build step exited {run.exit_code}: "
+                                   f"{sanitize(detail, secrets) if detail else 'see the log'}"), used
+
+    def _replaced(self, state: _Platform, used: str | None) -> bool:
+        """Whether a run had registry credentials the bot has replaced since."""
+        return state.has_registry_auth and used is not None and used != self._fingerprint()
+
+    def _secrets(self, state: _Platform) -> tuple[str, ...]:
+        """What must not reach a message: secret build args and the registry passwords."""
+        return state.job.secrets + tuple(c.password.get_secret_value() for c in self._written.values())
 
     async def tag(self, image_id: str, target: str) -> None:
         """Nothing to do: the image was built under its platform tag."""
@@ -394,12 +475,11 @@ class KubernetesRuntime:
             await log(["imagebot: registry Secret updated for the next push attempt"])
 
         def ended(pod: dict[str, Any]) -> bool:
-            return (any(t.attempt > state.seen for t in terminations(container_status(pod, "push")))
-                    or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"))
+            return _next_run(pod, "push", state.seen) is not None or _pod_over(pod)
 
         while True:
             pod = await self._until(state, ended, "a push attempt")
-            attempt = next((t for t in terminations(container_status(pod, "push")) if t.attempt > state.seen), None)
+            attempt = _next_run(pod, "push", state.seen)
             if attempt is None:  # the pod is over: no run will come again
                 raise RegistryError("unknown", f"the pod of {state.name} ended ({pod['status']['phase']}) "
                                                "with no push run left to wait for")
@@ -443,7 +523,7 @@ class KubernetesRuntime:
         state = self._platforms.pop(target, None)
         if state is None:
             return
-        for task in state.followers:
+        for task in state.followers.values():
             task.cancel()
         await self._delete_job(state.name)
         core = k8s.CoreV1Api(await self.api())
@@ -483,7 +563,7 @@ class KubernetesRuntime:
                 if done(pod):
                     return pod
                 if reason := stuck_reason(pod):
-                    if any(r in reason for r in STUCK) or time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
+                    if never_heals(reason) or time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
                         raise BuildError("runtime", f"the pod of {state.name} cannot start: {reason}")
                 if (why := unschedulable(pod)) and time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
                     raise BuildError("unschedulable", f"no node runs {state.job.platform} "
@@ -500,12 +580,22 @@ class KubernetesRuntime:
             await asyncio.sleep(self.settings.k8s_poll_seconds)
 
     def _follow(self, state: _Platform, pod: dict[str, Any]) -> None:
-        """Stream the build step's log into the build log, once the step has started."""
-        if state.followers:
-            return
+        """Stream each run of the build step's log into the build log, once it has started
+        (a run after a refused base image pull is followed too)."""
         status = container_status(pod, "build", init=True)
-        if status and ((status.get("state") or {}).get("running") or terminations(status)):
-            state.followers.append(asyncio.create_task(self._stream(state, pod["metadata"]["name"], "build")))
+        if not status:
+            return
+        current = status.get("state") or {}
+        run = status.get("restartCount", 0) + 1
+        if run > max(state.followers, default=0) and (current.get("running") or current.get("terminated")):
+            state.followers[run] = asyncio.create_task(self._stream(state, pod["metadata"]["name"], "build"))
+
+    async def _drained(self, state: _Platform, run: int) -> None:
+        """Let a failed run's log reach the build log before the failure ends the platform
+        (which stops the streams): the log is what people read to see why."""
+        task = state.followers.get(run)
+        if task is not None:
+            await asyncio.wait({task}, timeout=LOG_DRAIN_SECONDS)
 
     async def _stream(self, state: _Platform, pod_name: str, container: str) -> None:
         core = k8s.CoreV1Api(await self.api())
@@ -528,6 +618,27 @@ class _Fixed:
 
     async def get(self) -> Credentials:
         return self._credentials
+
+
+def _unseen_runs(pod: dict[str, Any], container: str, seen: int, init: bool = False) -> list[Termination]:
+    """The ended runs of ``container`` that were not handed to the pipeline yet, oldest first."""
+    return [t for t in terminations(container_status(pod, container, init)) if t.attempt > seen]
+
+
+def _next_run(pod: dict[str, Any], container: str, seen: int, init: bool = False) -> Termination | None:
+    """The first ended run of ``container`` that was not handed to the pipeline yet."""
+    return next(iter(_unseen_runs(pod, container, seen, init)), None)
+
+
+def _pod_over(pod: dict[str, Any]) -> bool:
+    """No container of the pod will run again."""
+    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _error_lines(detail: str) -> str:
+    """A failed build's termination message without its step line: the engine's error."""
+    lines = [line for line in detail.splitlines() if not is_step(line)]
+    return "\n".join(lines).strip().removeprefix("Error: ")
 
 
 def _job_failed(job: dict[str, Any]) -> str | None:
