@@ -60,7 +60,8 @@ def test_the_job_carries_no_secret_and_runs_build_then_push():
     assert pod["restartPolicy"] == "OnFailure" and pod["initContainers"][0]["resources"] == {"requests": {"cpu": "1"}}
     env = {e["name"]: e for e in pod["initContainers"][0]["env"]}
     assert env["IMAGEBOT_CONTEXT"]["value"] == "app" and env["IMAGEBOT_DOCKERFILE"]["value"] == "app/Dockerfile"
-    assert env["REGISTRY_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": REGISTRY_SECRET, "key": ".dockerconfigjson"}
+    assert env["REGISTRY_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": REGISTRY_SECRET, "key": ".dockerconfigjson",
+                                                                  "optional": True}  # none: an anonymous registry
     assert pod["initContainers"][0]["envFrom"] == [{"secretRef": {"name": "imagebot-12-linux-arm64"}}]
 
 

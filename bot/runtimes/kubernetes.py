@@ -333,8 +333,10 @@ class KubernetesRuntime:
             {"name": "HOME", "value": "/work"},
         ]
         if job.push or job.pull_credentials:  # untrusted builds never see the registry Secret
+            # optional: with no registry credentials configured there is no Secret to refer to
+            # (an anonymous registry), and the scripts take an empty REGISTRY_AUTH as "none"
             env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
-                "name": REGISTRY_SECRET, "key": ".dockerconfigjson"}}})
+                "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
         mounts = [{"name": "work", "mountPath": "/work"}]
         common = {
             "image": s.k8s_builder_image,
