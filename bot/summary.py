@@ -70,6 +70,8 @@ def platform_results(platforms: list[str], events: list[Event]) -> list[dict[str
         elif name == "push_retry":
             result["push_attempts"] = data["attempt"] + 1
             result["retry_kinds"].append(data["kind"])
+        elif name == "build_platform_retry":
+            result["build_retry_kinds"].append(data["kind"])
         elif name == "push_succeeded":
             result.update(tag=data["tag"], digest=data["digest"], size=data["size"],
                           push_attempts=data["attempts"], push_duration_s=data["duration_s"])
@@ -90,7 +92,7 @@ def _empty_result(platform: str) -> dict[str, Any]:
     return {
         "platform": platform, "status": "pending", "image": None, "image_id": None, "tag": None,
         "digest": None, "size": None, "push_attempts": 0, "push_skipped": None, "retry_kinds": [],
-        "credential_refreshes": 0, "refresh_outcomes": [], "build_duration_s": None, "push_duration_s": None,
+        "build_retry_kinds": [], "credential_refreshes": 0, "refresh_outcomes": [], "build_duration_s": None, "push_duration_s": None,
         "error": None,
     }
 

@@ -105,3 +105,15 @@ def test_only_the_last_attempt_counts():
                     size=10, attempts=1, retries=0)]
     amd = summarize(first + second, P).platforms[0]
     assert (amd["platform"], amd["retry_kinds"], amd["push_attempts"], amd["status"]) == ("linux/amd64", [], 1, "pushed")
+
+
+def test_build_retries_are_named_apart_from_push_retries():
+    seen = [event("build_started", attempt=1),
+            event("build_platform_retry", "linux/amd64", attempt=1, delay_s=0.0, kind="auth", refreshed=True,
+                  detail="unauthorized"),
+            event("push_retry", "linux/amd64", tag="t", attempt=1, delay_s=0.1, kind="network", refreshed=False,
+                  detail="reset"),
+            event("build_platform_retry", "linux/arm64", attempt=1, delay_s=0.5, kind="network", refreshed=False,
+                  detail="reset")]
+    rows = [line for line in summary_markdown(summarize(seen, P), "u", "head").splitlines() if line.startswith("| `linux")]
+    assert "| build 1 (auth); push 1 (network) |" in rows[0] and "| build 1 (network) |" in rows[1]

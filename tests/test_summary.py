@@ -165,6 +165,7 @@ def test_a_build_that_pulls_its_base_image_again_shows_the_refresh_and_the_retry
     )
     (amd,) = summary.platform_results([AMD], seen)
     assert (amd["status"], amd["credential_refreshes"], amd["push_attempts"]) == ("building", 1, 0)
+    assert (amd["build_retry_kinds"], amd["retry_kinds"]) == (["auth"], [])  # a build retry, not a push's
     lane = summary.timeline([AMD], seen, now=T0 + timedelta(seconds=4)).lanes[1]
     assert [(s.kind, s.outcome) for s in lane.spans] == [("build", "running"), ("auth", "ok"), ("retry", "waiting")]
     assert "attempt 1 failed (auth): unauthorized" in lane.spans[2].detail

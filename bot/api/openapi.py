@@ -53,6 +53,8 @@ _PLATFORM_RESULT = _object({
                         "stopped", "not_built"]},
     "image": _NULL_STR, "image_id": _NULL_STR, "tag": _NULL_STR, "digest": _NULL_STR, "size": _NULL_INT,
     "push_attempts": _INT, "push_skipped": _NULL_STR, "retry_kinds": {"type": "array", "items": _STR},
+    "build_retry_kinds": {"type": "array", "items": _STR, "description": "why the platform was built again "
+                          "(its base image could not be pulled), one kind per retry"},
     "credential_refreshes": _INT,
     "refresh_outcomes": {"type": "array", "items": {"enum": ["changed", "unchanged", "failed"]}},
     "build_duration_s": _NULL_NUM, "push_duration_s": _NULL_NUM, "error": _FAILURE,

@@ -75,6 +75,14 @@ def _counted(kinds: list[str]) -> str:
     return f"{len(kinds)} (" + ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items()) + ")"
 
 
+def _retries(r: dict[str, Any]) -> str:
+    """Push retries; and the build's, named as such, when its base image had to be pulled again."""
+    if not r["build_retry_kinds"]:
+        return _counted(r["retry_kinds"])
+    pushes = f"; push {_counted(r['retry_kinds'])}" if r["retry_kinds"] else ""
+    return f"build {_counted(r['build_retry_kinds'])}{pushes}"
+
+
 _REFRESHED = {"changed": "succeeded (new credentials)", "unchanged": "succeeded", "failed": "failed"}
 
 
@@ -84,7 +92,7 @@ def _platform_row(r: dict[str, Any]) -> str:
     cells = [
         f"`{r['platform']}`", f"{_ICONS.get(r['status'], '⏳')} {state}",
         f"`{_cell(r['tag'])}`" if r["tag"] else "—", f"`{r['digest']}`" if r["digest"] else "—",
-        _size(r["size"]), str(r["push_attempts"] or "—"), _counted(r["retry_kinds"]),
+        _size(r["size"]), str(r["push_attempts"] or "—"), _retries(r),
         ", ".join(_REFRESHED[o] for o in r["refresh_outcomes"]) or "—",
         f"{duration:.1f} s" if duration else "—",
     ]

@@ -29,7 +29,7 @@ PROGRESS = "progress"
 #: Telemetry that changes what a running build's check run shows (bot.telemetry.Telemetry.emit
 #: owes a progress report with each; the sender coalesces them).
 PROGRESS_EVENTS = frozenset({
-    "fetch_succeeded", "build_platform_succeeded", "build_platform_failed", "push_retry",
+    "fetch_succeeded", "build_platform_succeeded", "build_platform_failed", "build_platform_retry", "push_retry",
     "push_succeeded", "push_failed", "auth_refresh_succeeded", "auth_refresh_failed",
     "manifest_published", "manifest_failed",
 })
