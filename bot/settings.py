@@ -157,6 +157,13 @@ class Settings(BaseSettings):
     #: For exercising the queue alone: builds take this long and succeed (0: run the pipeline).
     placeholder_build_seconds: float = Field(default=0.0, ge=0)
 
+    # Retention (bot.retention): builds and their telemetry events are kept.
+    #: Days a build's log is kept after the build ended (0: forever).
+    log_retention_days: float = Field(default=90.0, ge=0)
+    #: Days a webhook delivery record is kept; at least 4, since GitHub lets a delivery be
+    #: redelivered for three days and a redelivery must still be recognised.
+    delivery_retention_days: float = Field(default=30.0, ge=4)
+
     @field_validator("platforms", mode="before")
     @classmethod
     def _split_platforms(cls, value: object) -> object:

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from sqlalchemy import Connection, select
 
-from bot import queue, telemetry
+from bot import queue, retention, telemetry
 from bot.db import Database
 from bot.models import Build, BuildStatus, builds, utcnow
 from bot.reporters import outbox
@@ -140,6 +140,7 @@ class Worker:
         self._stopping = False
         self._shutting_down = False
         self._last_recovery = float("-inf")
+        self._next_prune = 0.0  # monotonic time of the next pruning of old logs and deliveries
         self._ended: set[int] = set()  # running here, but superseded or cancelled elsewhere
 
     # -- control ------------------------------------------------------------------------------
@@ -181,6 +182,7 @@ class Worker:
             while not self._stopping:
                 await self._recover_if_due()
                 await self._fill()
+                await self._prune_if_due()
                 await self._idle()
         finally:
             await self._drain()
@@ -214,6 +216,20 @@ class Worker:
                 "recovered builds from lost workers: requeued %s, failed %s",
                 result.requeued, result.failed,
             )
+
+    async def _prune_if_due(self) -> None:
+        """Delete logs and deliveries past their retention (bot.retention): housekeeping,
+        never in the way of building."""
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + retention.PRUNE_EVERY_SECONDS
+        try:
+            lines, deliveries = await retention.prune_history(self.db, self.settings, utcnow())
+        except Exception:
+            log.exception("pruning old logs and deliveries failed; will try again later")
+            return
+        if lines or deliveries:
+            log.info("pruned %d log line(s) and %d delivery record(s) past their retention", lines, deliveries)
 
     async def _fill(self) -> None:
         free = self.settings.concurrency - len(self.running)

@@ -129,3 +129,19 @@ def test_static_files_are_served(client):
     assert script.status_code == 200 and "EventSource" in script.text
     assert client.get("/static/dashboard.css").status_code == 200
     assert client.get("/static/nothing.js").status_code == 404
+
+
+def test_a_build_whose_log_was_deleted_says_so(client, db):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from bot.models import builds
+
+    (build_id,) = enqueue(db, request(), at=utcnow())
+    db.write_sync(lambda c: c.execute(update(builds).where(builds.c.id == build_id).values(
+        status="succeeded", finished_at=utcnow() - timedelta(days=91))))
+    assert "The log was deleted 90 days after the build ended" in client.get(f"/builds/{build_id}").text
+    db.write_sync(lambda c: c.execute(update(builds).where(builds.c.id == build_id).values(
+        finished_at=utcnow() - timedelta(days=1))))
+    assert "The log was deleted" not in client.get(f"/builds/{build_id}").text

@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from bot import telemetry
-from bot import summary
+from bot import retention, summary
 from bot.api.rest import build_detail, build_id_of, build_json, build_row, page_of_builds, read
 from bot.api.stream import Position, current_position
 from bot.models import BuildStatus, build_logs, telemetry_events, utcnow
@@ -101,7 +101,7 @@ async def build_list(request: Request) -> Response:
     })
 
 
-def _read_build(conn: Connection, build_id: int, tail: int) -> dict[str, Any]:
+def _read_build(conn: Connection, build_id: int, tail: int, logs_since: datetime | None = None) -> dict[str, Any]:
     row = build_row(conn, build_id)
     events = telemetry.events_of(conn, build_id)
     lines = []
@@ -125,13 +125,17 @@ def _read_build(conn: Connection, build_id: int, tail: int) -> dict[str, Any]:
         "lines": lines,
         "position": str(Position(last_event, last_log)),
         "log_lines": last_log,
+        # its log was deleted (bot.retention): say so rather than show an empty log
+        "log_pruned": not last_log and logs_since is not None and row.finished_at is not None
+                      and row.finished_at < logs_since,
     }
 
 
 async def _build_context(request: Request, tail: int) -> dict[str, Any] | Response:
     try:
         build_id = build_id_of(request)
-        return await read(request.app, lambda conn: _read_build(conn, build_id, tail))
+        logs_since = retention.logs_kept_since(request.app.state.settings, utcnow())
+        return await read(request.app, lambda conn: _read_build(conn, build_id, tail, logs_since))
     except HTTPException as exc:
         return _error(request, exc)
 
@@ -140,7 +144,8 @@ async def build_page(request: Request) -> Response:
     context = await _build_context(request, LOG_TAIL)
     if isinstance(context, Response):
         return context
-    return _page(request, "build.html", {**context, "log_tail": LOG_TAIL})
+    return _page(request, "build.html", {**context, "log_tail": LOG_TAIL,
+                                         "settings_log_days": f"{request.app.state.settings.log_retention_days:g}"})
 
 
 async def build_live(request: Request) -> Response:

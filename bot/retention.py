@@ -1,0 +1,66 @@
+"""What the bot keeps, and for how long: build logs and webhook deliveries are deleted once
+they are older than the settings say (reports: bot.reporters.outbox.prune, by the sender).
+
+Builds and their telemetry events stay: they are small, and the history, the metrics and the
+dashboard's timelines are made of them. Logs are most of the database (every line of every
+build), and a delivery is only needed while its forge may deliver it again (GitHub lets a
+delivery be redelivered for three days).
+
+The worker prunes (every process that runs builds, at start and every ``PRUNE_EVERY_SECONDS``),
+in small batches, so that on SQLite the one writer is never held long enough to delay a webhook.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, delete, exists, select
+
+from bot.db import Database
+from bot.models import build_logs, builds, deliveries
+from bot.settings import Settings
+
+PRUNE_EVERY_SECONDS = 600.0
+#: Builds whose log lines one transaction deletes (a build's log may have many thousand lines).
+LOG_BUILDS_PER_BATCH = 5
+DELIVERIES_PER_BATCH = 1000
+
+
+def logs_kept_since(settings: Settings, now: datetime) -> datetime | None:
+    """Builds that ended before this have no log any more (None: logs are kept forever)."""
+    days = settings.log_retention_days
+    return now - timedelta(days=days) if days else None
+
+
+def prune_logs(conn: Connection, ended_before: datetime, most: int = LOG_BUILDS_PER_BATCH) -> int:
+    """Delete the log lines of up to ``most`` builds that ended before ``ended_before``; how
+    many lines went."""
+    ended = conn.execute(
+        select(builds.c.id)
+        .where(builds.c.finished_at < ended_before, exists().where(build_logs.c.build_id == builds.c.id))
+        .order_by(builds.c.id).limit(most)
+    ).scalars().all()
+    if not ended:
+        return 0
+    return conn.execute(delete(build_logs).where(build_logs.c.build_id.in_(ended))).rowcount
+
+
+def prune_deliveries(conn: Connection, received_before: datetime, most: int = DELIVERIES_PER_BATCH) -> int:
+    """Delete up to ``most`` deliveries received before ``received_before`` (their builds stay)."""
+    doomed = (
+        select(deliveries.c.id).where(deliveries.c.received_at < received_before)
+        .order_by(deliveries.c.id).limit(most).scalar_subquery()
+    )
+    return conn.execute(delete(deliveries).where(deliveries.c.id.in_(doomed))).rowcount
+
+
+async def prune_history(db: Database, settings: Settings, now: datetime) -> tuple[int, int]:
+    """Everything past its retention, batch by batch; (log lines, deliveries) deleted."""
+    lines = deleted = 0
+    if (logs_before := logs_kept_since(settings, now)) is not None:
+        while batch := await db.write(lambda conn: prune_logs(conn, logs_before)):
+            lines += batch
+    delivered_before = now - timedelta(days=settings.delivery_retention_days)
+    while batch := await db.write(lambda conn: prune_deliveries(conn, delivered_before)):
+        deleted += batch
+    return lines, deleted
