@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     #: Pull from and push to plain-HTTP / self-signed registries (buildah --tls-verify=false).
     k8s_registry_tls_verify: bool = True
     k8s_poll_seconds: float = Field(default=1.0, gt=0)
+    #: A directory on every build node under which trusted builds keep buildah's storage
+    #: between builds (one subdirectory per image repository and platform, a hostPath volume),
+    #: so a rebuild reuses its layers (buildah --layers); unset: no layer cache.
+    k8s_layer_cache_dir: str | None = None
 
     # Worker.
     concurrency: int = Field(default=2, ge=1, le=64)
@@ -192,6 +196,16 @@ class Settings(BaseSettings):
         match = _REGISTRY.match(value)
         if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
             raise ValueError(f"{value!r} is not host[:port][/namespace]")
+        return value
+
+    @field_validator("k8s_layer_cache_dir")
+    @classmethod
+    def _check_layer_cache_dir(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith("/") or "\n" in value or "/../" in f"{value}/" or value == "":
+            raise ValueError("give an absolute directory on the nodes, e.g. /var/lib/imagebot/layer-cache")
         return value
 
     @field_validator("database_url")

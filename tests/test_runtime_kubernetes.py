@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from bot import telemetry
-from bot.runtimes.kubernetes import REGISTRY_SECRET
+from bot.runtimes import BuildJob
+from bot.runtimes.kubernetes import REGISTRY_SECRET, KubernetesRuntime
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.e2e.test_reporting import github, key  # noqa: F401 - fixtures: the GitHub App stand-in
@@ -477,3 +478,70 @@ def test_kill_9_mid_build_then_restart_adopts_the_jobs_and_reports(
     for platform in ("linux/amd64", "linux/arm64"):
         row = next(line for line in run["output"]["summary"].splitlines() if line.startswith(f"| `{platform}`"))
         assert pushed[platform] in row and "pushed" in row
+
+
+# -- the layer cache (IMAGEBOT_K8S_LAYER_CACHE_DIR) -------------------------------------------------
+
+
+def tree(root: Path) -> set[str]:
+    """Every path below ``root``: anything buildah writes into its storage adds some."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_a_rebuild_reuses_cached_layers_and_a_fork_neither_reads_nor_writes_them(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    from bot.models import BuildKind
+
+    files = {"Dockerfile": f"FROM {services['IMAGEBOT_DEV_BASE_IMAGE']}\nARG TARGETARCH\n"
+                           "RUN date +%s%N > /stamp && echo \"$TARGETARCH\" > /arch\n"
+                           "COPY version.txt /version.txt\n",
+             "version.txt": "1\n", ".imagebot.yml": "platforms: [linux/amd64]\n"}
+    repo = make_repo(tmp_path / "srv", "acme/app", files)
+    cache = tmp_path / "layer-cache"  # on the node: the kubelet runs on this machine
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, platforms=["linux/amd64"],
+                            k8s_layer_cache_dir=str(cache))
+    repository = f"{settings.registry}/acme/app".split("/", 1)[1]
+
+    def build_once(**kw):
+        with GitHTTPServer(tmp_path / "srv") as server:
+            build = new_build(database, server, repo, **kw)
+            outcome = run(settings, database, build)
+        assert outcome.status.value == "succeeded", (outcome.error_message, events(database, build))
+        lines = [line["line"] for line in database.read_sync(lambda c: telemetry.log_of(c, build.id))]
+        return build, lines
+
+    def step_cached(lines: list[str], step: str) -> bool:
+        at = next(i for i, line in enumerate(lines) if "STEP " in line and step in line)
+        following = next((line for line in lines[at + 1:] if line.startswith("--> ") or "STEP " in line), "")
+        return following.startswith("--> Using cache")
+
+    def layers(build) -> list[str]:
+        digest = next(e["data"]["digest"] for e in events(database, build) if e["name"] == "push_succeeded")
+        manifest = registry_get(services, f"/v2/{repository}/manifests/{digest}",
+                                "application/vnd.oci.image.manifest.v1+json")
+        assert manifest.status_code == 200, manifest.text
+        return [layer["digest"] for layer in manifest.json()["layers"]]
+
+    cold, cold_log = build_once()
+    assert not any("Using cache" in line for line in cold_log), cold_log
+    assert [p.name for p in cache.iterdir()] == [Path(KubernetesRuntime(settings).layer_cache_path(
+        BuildJob(Path("."), Path("Dockerfile"), "linux/amd64", None, {}, {}, push=True,
+                 image=f"{settings.registry}/acme/app:x"))).name]
+
+    # the same repository again, with only the last layer's input changed: every step before
+    # it is a cache hit, and the RUN that writes a timestamp gives the very same layer
+    repo.commit({"version.txt": "2\n"})
+    warm, warm_log = build_once()
+    assert step_cached(warm_log, "RUN date") and not step_cached(warm_log, "COPY version.txt"), warm_log
+    before, after = layers(cold), layers(warm)
+    assert len(before) == len(after) and before[:-1] == after[:-1] and before[-1] != after[-1]
+
+    # a fork's pull request builds from empty storage, and leaves the cache as it was
+    untouched = tree(cache)
+    repo.commit({"version.txt": "3\n"})
+    _, fork_log = build_once(ref="refs/pull/7/head", kind=BuildKind.pull_request, pr_number=7, fork=True)
+    # (its build log may be cut short: a fork's pod ends at once after the build, and the bot
+    # stops following the log when it releases the Job; what it has must show no cache hit)
+    assert not any("Using cache" in line for line in fork_log), fork_log
+    assert tree(cache) == untouched
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")

@@ -113,3 +113,48 @@ def test_pods_that_will_never_run_say_why():
         "message": "failed to sync secret cache: timed out waiting for the condition"}}}]}}
     assert not never_heals(stuck_reason(lagging))  # the kubelet tries again by itself
     assert never_heals("push: CreateContainerConfigError: secret \"imagebot-registry\" not found")
+
+
+def without_scripts(manifest: dict) -> str:
+    """The Job as JSON, without the containers' scripts (which name every variable they read)."""
+    pod = manifest["spec"]["template"]["spec"]
+    return json.dumps([pod["volumes"], [{k: v for k, v in c.items() if k != "command"}
+                                        for c in pod["initContainers"] + pod["containers"]]])
+
+
+def test_the_layer_cache_is_off_by_default():
+    text = without_scripts(runtime().job_manifest("j", job()))
+    assert "hostPath" not in text and "IMAGEBOT_LAYERS" not in text and "IMAGEBOT_STORAGE" not in text
+
+
+def test_the_layer_cache_is_per_repository_and_platform_and_only_for_trusted_builds():
+    rt = runtime(k8s_layer_cache_dir="/var/lib/imagebot/layer-cache/")
+    pod = rt.job_manifest("j", job())["spec"]["template"]["spec"]
+    cache = next(v for v in pod["volumes"] if v["name"] == "cache")["hostPath"]
+    assert cache["type"] == "DirectoryOrCreate"
+    assert cache["path"].startswith("/var/lib/imagebot/layer-cache/") and cache["path"].endswith("-linux-arm64")
+    for container in (pod["initContainers"][0], pod["containers"][0]):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert (env["IMAGEBOT_STORAGE"], env["IMAGEBOT_LAYERS"]) == ("/cache", "true")
+        assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
+    # another platform, another repository: another directory; another tag: the same one
+    other_platform = BuildJob(**{**job().__dict__, "platform": "linux/amd64",
+                                 "image": "registry.example/acme/app:sha-aaaaaaa-linux-amd64"})
+    other_repo = BuildJob(**{**job().__dict__, "image": "registry.example/acme/app2:sha-aaaaaaa-linux-arm64"})
+    other_tag = BuildJob(**{**job().__dict__, "image": "registry.example/acme/app:sha-bbbbbbb-linux-arm64"})
+    paths = {rt.layer_cache_path(j) for j in (job(), other_platform, other_repo)}
+    assert len(paths) == 3 and rt.layer_cache_path(other_tag) == rt.layer_cache_path(job())
+    # a fork's build (it never pushes) neither reads nor writes it
+    untrusted = without_scripts(rt.job_manifest("j", job(push=False, pull=False)))
+    assert "hostPath" not in untrusted and "IMAGEBOT_STORAGE" not in untrusted and "/cache" not in untrusted
+    assert rt.layer_cache_path(job(push=False, pull=False)) is None
+
+
+def test_the_layer_cache_dir_must_be_absolute():
+    import pytest
+
+    from bot.settings import SettingsError
+
+    with pytest.raises((SettingsError, ValueError)):
+        make_settings(runtime="kubernetes", k8s_layer_cache_dir="relative/dir")
+    assert make_settings(runtime="kubernetes", k8s_layer_cache_dir="").k8s_layer_cache_dir is None

@@ -12,7 +12,7 @@
 # registry on 127.0.0.1:5001, the server on a free 127.0.0.1 port); every contestant run is
 # bounded by --timeout (the CLI and script are killed with their process group after it; a
 # served build that overruns takes its server down with it, and a new server takes over).
-#   usage: bench/pipeline/run.sh [--reps 3] [--timeout 900] [--base-mb 24] [--work-mb 16] [--rounds 6] [--keep]
+#   usage: bench/pipeline/run.sh [--reps 3] [--timeout 900] [--base-mb 24] [--work-mb 16] [--rounds 6] [--keep] [--kube-layer-cache]
 #                                [--contestants plain,imagebot,serve,kube]
 # Leaves behind: registry blobs under <registry>/pb<run>/ (~350 MB per run of 3 reps; reset with
 # `scripts/infra down` and removing the state dir), raw results in $TMPDIR.

@@ -10,6 +10,10 @@ The Job's pod has two containers sharing an ``emptyDir``:
   ``kubernetes.io/dockerconfigjson`` Secret as an environment variable, which the kubelet reads
   again at every container start.
 
+With ``IMAGEBOT_K8S_LAYER_CACHE_DIR``, a trusted build keeps buildah's storage in a ``hostPath``
+directory of its node instead (one per image repository and platform) and builds with
+``--layers``, so a rebuild reuses its unchanged steps; builds from forks never get it.
+
 A failed push ends the ``push`` container; with ``restartPolicy: OnFailure`` the kubelet starts
 it again (after its own back-off, 10 s, 20 s, ...) from the same built image. The bot is the one
 that decides: each termination is one push attempt, classified with the same rules as the
@@ -89,7 +93,10 @@ if [ -s /work/auth.json ]; then set -- "$@" --authfile /work/auth.json; fi
 if [ -n "${IMAGEBOT_TARGET:-}" ]; then set -- "$@" --target "$IMAGEBOT_TARGET"; fi
 while IFS= read -r arg; do [ -n "$arg" ] && set -- "$@" --build-arg "$arg"; done < /imagebot/build-args
 while IFS= read -r label; do [ -n "$label" ] && set -- "$@" --label "$label"; done < /imagebot/labels
-{ buildah --root /work/storage --runroot /work/run --storage-driver vfs bud --isolation chroot \
+# a trusted build with the layer cache on keeps its storage on the node (IMAGEBOT_STORAGE)
+if [ "${IMAGEBOT_LAYERS:-false}" = true ]; then set -- "$@" --layers; fi
+store=${IMAGEBOT_STORAGE:-/work}
+{ buildah --root "$store/storage" --runroot "$store/run" --storage-driver vfs bud --isolation chroot \
   --tls-verify="$IMAGEBOT_TLS_VERIFY" "$@" "$IMAGEBOT_CONTEXT" 2>&1 || echo "$?" > /work/build.rc; } | tee /work/build.log
 [ -s /work/build.rc ] || exit 0
 # the step that failed and buildah's error lines (a FROM step: the registry's words on a base
@@ -104,7 +111,8 @@ auth=${REGISTRY_AUTH:-}
 [ -n "$auth" ] || auth='{"auths": {}}'
 printf '%s' "$auth" > /tmp/auth.json
 used=$(printf '%s' "${REGISTRY_AUTH:-}" | sha256sum | cut -d' ' -f1)
-buildah --root /work/storage --runroot /work/run --storage-driver vfs push --quiet --authfile /tmp/auth.json \
+store=${IMAGEBOT_STORAGE:-/work}
+buildah --root "$store/storage" --runroot "$store/run" --storage-driver vfs push --quiet --authfile /tmp/auth.json \
   --tls-verify="$IMAGEBOT_TLS_VERIFY" --digestfile /tmp/digest "$IMAGEBOT_IMAGE" "docker://$IMAGEBOT_IMAGE" \
   2>/tmp/err
 rc=$?
@@ -316,6 +324,18 @@ class KubernetesRuntime:
         return {LABEL_BUILD: str(job.build_id), LABEL_PLATFORM: slug(job.platform),
                 "app.kubernetes.io/managed-by": "imagebot"}
 
+    def layer_cache_path(self, job: BuildJob) -> str | None:
+        """The node directory holding this build's layer cache: one per image repository and
+        platform (a name nobody can choose: a hash), and none for builds that do not push."""
+        root = self.settings.k8s_layer_cache_dir
+        if root is None or not job.push or job.image is None:
+            return None
+        repository, _, tag = job.image.rpartition(":")  # host[:port]/path, without the platform tag
+        if not repository or "/" in tag:
+            repository = job.image
+        key = hashlib.sha256(f"{repository}\n{job.platform}".encode()).hexdigest()[:32]
+        return f"{root}/{key}-{slug(job.platform)}"
+
     def job_manifest(self, name: str, job: BuildJob) -> dict[str, Any]:
         """The Job for one platform (pure, given the settings)."""
         s = self.settings
@@ -338,6 +358,21 @@ class KubernetesRuntime:
             env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
                 "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
         mounts = [{"name": "work", "mountPath": "/work"}]
+        volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
+        if (cache := self.layer_cache_path(job)) is not None:
+            # Trusted builds keep buildah's storage on the node, one directory per image
+            # repository and platform, and build with --layers: a rebuild reuses every step
+            # up to the first changed one. containers/storage locks its own files, so pods of
+            # the same repository on one node may share the directory. Untrusted builds (forks)
+            # never get it: they can neither read another build's layers nor plant their own.
+            # Not buildah's registry cache (--cache-from/--cache-to, which would need no volume
+            # and work across nodes): in buildah 1.28.2 no step after an ARG ever hits it (the
+            # ARG's cache image is pushed, never pulled, and later keys change from build to
+            # build; containers/buildah#4315), and multi-arch Dockerfiles declare TARGETARCH &
+            # co. right after FROM. See docs/kubernetes.md, "The layer cache".
+            env += [{"name": "IMAGEBOT_STORAGE", "value": "/cache"}, {"name": "IMAGEBOT_LAYERS", "value": "true"}]
+            mounts.append({"name": "cache", "mountPath": "/cache"})
+            volumes.append({"name": "cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}})
         common = {
             "image": s.k8s_builder_image,
             "imagePullPolicy": s.k8s_image_pull_policy,
@@ -356,7 +391,7 @@ class KubernetesRuntime:
             "restartPolicy": "OnFailure",
             "initContainers": [build],
             "containers": [push],
-            "volumes": [{"name": "work", "emptyDir": {}},
+            "volumes": [*volumes,
                         {"name": "job", "secret": {"secretName": name, "items": [
                             {"key": "build-args", "path": "build-args"}, {"key": "labels", "path": "labels"}]}}],
             "automountServiceAccountToken": False,
