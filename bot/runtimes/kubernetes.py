@@ -471,10 +471,12 @@ class KubernetesRuntime:
                 raise BuildError("runtime", f"the pod of {state.name} ended ({pod['status']['phase']}) "
                                             "with no build run left to wait for")
             state.built = run.attempt
+            # the run's log reaches the build log before anything can release the Job (which
+            # stops the streams): a build without a push step is released at once
+            await self._drained(state, run.attempt)
             if run.exit_code == 0:
                 assert state.job.image is not None
                 return state.job.image
-            await self._drained(state, run.attempt)
             failure, used = self._failure(state, run)
             if not (isinstance(failure, PullError) and self._replaced(state, used)):
                 raise failure
