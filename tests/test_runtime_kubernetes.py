@@ -253,17 +253,23 @@ def test_credentials_that_never_work_fail_with_auth_after_bounded_attempts(
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job deleted after giving up")
 
 
-def test_a_denied_push_fails_at_once(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+def build_denied(k8s, services, database, namespace, bot_kubeconfig, tmp_path, repository: str, action: str):
+    """A build on a token registry that denies ``action`` on ``repository``; (outcome, build)."""
     from tests.standins.registry import TokenRegistry
     from tests.test_pipeline_failures import PASSWORD, USER
 
     with TokenRegistry(tmp_path / "treg", users={USER: PASSWORD}) as registry:
         server, repo = private_forge(tmp_path, services, registry)
-        registry.deny(USER, "it/acme/app", ["push"])
+        registry.deny(USER, repository, [action])
         with server:
             build = new_build(database, server, repo)
             outcome = run_watching(on_registry(k8s, registry, database, namespace, bot_kubeconfig), database, build,
                                    lambda m: asyncio.sleep(0))
+    return outcome, build
+
+
+def test_a_denied_push_fails_at_once(k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    outcome, build = build_denied(k8s, services, database, namespace, bot_kubeconfig, tmp_path, "it/acme/app", "push")
     assert (outcome.status.value, outcome.error_kind) == ("failed", "denied"), outcome
     seen = events(database, build)
     assert not [e for e in seen if e["name"] == "push_retry"]
@@ -320,16 +326,7 @@ def test_password_rotated_before_the_base_image_pull_patches_the_secret_and_buil
 
 def test_a_denied_base_image_fails_the_build_at_once_with_auth(
         k8s, services, database, namespace, bot_kubeconfig, tmp_path):
-    from tests.standins.registry import TokenRegistry
-    from tests.test_pipeline_failures import PASSWORD, USER
-
-    with TokenRegistry(tmp_path / "treg", users={USER: PASSWORD}) as registry:
-        server, repo = private_forge(tmp_path, services, registry)
-        registry.deny(USER, "base/busybox", ["pull"])
-        with server:
-            build = new_build(database, server, repo)
-            outcome = run_watching(on_registry(k8s, registry, database, namespace, bot_kubeconfig), database, build,
-                                   lambda m: asyncio.sleep(0))
+    outcome, build = build_denied(k8s, services, database, namespace, bot_kubeconfig, tmp_path, "base/busybox", "pull")
     seen = events(database, build)
     assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "auth"), outcome
     assert "requested access to the resource is denied" in outcome.error_message
