@@ -173,13 +173,19 @@ def test_credentials_that_never_work_fail_with_auth(tmp_path, services, database
     assert not [e for e in events(database, build) if e["name"].startswith("manifest_")]
 
 
-def test_a_denied_push_fails_at_once(tmp_path, services, database, token_registry):
+def build_denied(tmp_path, services, database, token_registry, repository: str, action: str):
+    """A build on the token registry, which denies ``action`` on ``repository``; (outcome, build)."""
     base = seed_base(services, token_registry.host, USER, PASSWORD)
     server, repo = forge_for(tmp_path, base)
-    token_registry.deny(USER, "it/acme/app", ["push"])
+    token_registry.deny(USER, repository, [action])
     with server:
         build = new_build(database, server, repo)
         outcome = run_with_chaos(settings_on(token_registry, database), database, build, lambda *a: asyncio.sleep(0))
+    return outcome, build
+
+
+def test_a_denied_push_fails_at_once(tmp_path, services, database, token_registry):
+    outcome, build = build_denied(tmp_path, services, database, token_registry, "it/acme/app", "push")
     assert (outcome.status.value, outcome.error_kind) == ("failed", "denied")
     seen = events(database, build)
     assert not [e for e in seen if e["name"] == "push_retry"]
@@ -304,12 +310,7 @@ def test_password_rotated_before_the_base_image_pull_refreshes_and_builds_again(
 
 
 def test_a_denied_base_image_fails_the_build_at_once_with_auth(tmp_path, services, database, token_registry):
-    base = seed_base(services, token_registry.host, USER, PASSWORD)
-    server, repo = forge_for(tmp_path, base)
-    token_registry.deny(USER, "base/busybox", ["pull"])
-    with server:
-        build = new_build(database, server, repo)
-        outcome = run_with_chaos(settings_on(token_registry, database), database, build, lambda *a: asyncio.sleep(0))
+    outcome, build = build_denied(tmp_path, services, database, token_registry, "base/busybox", "pull")
     seen = events(database, build)
     assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "build", "auth"), outcome
     assert "requested access to the resource is denied" in outcome.error_message
