@@ -1,10 +1,11 @@
-"""What the bot keeps, and for how long: build logs and webhook deliveries are deleted once
-they are older than the settings say (reports: bot.reporters.outbox.prune, by the sender).
+"""What the bot keeps, and for how long: build logs, webhook deliveries and the reports that
+were sent to the forges are deleted once they are older than the settings say.
 
 Builds and their telemetry events stay: they are small, and the history, the metrics and the
 dashboard's timelines are made of them. Logs are most of the database (every line of every
 build), and a delivery is only needed while its forge may deliver it again (GitHub lets a
-delivery be redelivered for three days).
+delivery be redelivered for three days). A report is only needed until it is delivered; ended
+ones are kept a while for whoever asks what the forge was told (``/api/builds/{id}/reports``).
 
 The worker prunes (every process that runs builds, at start and every ``PRUNE_EVERY_SECONDS``),
 in small batches, so that on SQLite the one writer is never held long enough to delay a webhook.
@@ -18,6 +19,7 @@ from sqlalchemy import Connection, delete, exists, select
 
 from bot.db import Database
 from bot.models import build_logs, builds, deliveries
+from bot.reporters import outbox
 from bot.settings import Settings
 
 PRUNE_EVERY_SECONDS = 600.0
@@ -54,13 +56,21 @@ def prune_deliveries(conn: Connection, received_before: datetime, most: int = DE
     return conn.execute(delete(deliveries).where(deliveries.c.id.in_(doomed))).rowcount
 
 
-async def prune_history(db: Database, settings: Settings, now: datetime) -> tuple[int, int]:
-    """Everything past its retention, batch by batch; (log lines, deliveries) deleted."""
-    lines = deleted = 0
-    if (logs_before := logs_kept_since(settings, now)) is not None:
-        while batch := await db.write(lambda conn: prune_logs(conn, logs_before)):
-            lines += batch
+async def prune_history(db: Database, settings: Settings, now: datetime) -> tuple[int, int, int]:
+    """Everything past its retention, batch by batch; (log lines, deliveries, reports) deleted."""
+    logs_before = logs_kept_since(settings, now)
     delivered_before = now - timedelta(days=settings.delivery_retention_days)
-    while batch := await db.write(lambda conn: prune_deliveries(conn, delivered_before)):
-        deleted += batch
-    return lines, deleted
+    reported_before = now - timedelta(hours=settings.report_retention_hours)
+    return (
+        await _batches(db, lambda conn: prune_logs(conn, logs_before)) if logs_before is not None else 0,
+        await _batches(db, lambda conn: prune_deliveries(conn, delivered_before)),
+        await _batches(db, lambda conn: outbox.prune(conn, reported_before)),
+    )
+
+
+async def _batches(db: Database, batch) -> int:
+    """Run ``batch`` (one transaction each) until it deletes nothing; how many rows went."""
+    total = 0
+    while deleted := await db.write(batch):
+        total += deleted
+    return total

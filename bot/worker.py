@@ -140,7 +140,7 @@ class Worker:
         self._stopping = False
         self._shutting_down = False
         self._last_recovery = float("-inf")
-        self._next_prune = 0.0  # monotonic time of the next pruning of old logs and deliveries
+        self._next_prune = 0.0  # monotonic time of the next pruning (bot.retention)
         self._ended: set[int] = set()  # running here, but superseded or cancelled elsewhere
 
     # -- control ------------------------------------------------------------------------------
@@ -218,18 +218,19 @@ class Worker:
             )
 
     async def _prune_if_due(self) -> None:
-        """Delete logs and deliveries past their retention (bot.retention): housekeeping,
-        never in the way of building."""
+        """Delete logs, deliveries and sent reports past their retention (bot.retention):
+        housekeeping, never in the way of building."""
         if time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + retention.PRUNE_EVERY_SECONDS
         try:
-            lines, deliveries = await retention.prune_history(self.db, self.settings, utcnow())
+            lines, deliveries, reports = await retention.prune_history(self.db, self.settings, utcnow())
         except Exception:
-            log.exception("pruning old logs and deliveries failed; will try again later")
+            log.exception("pruning old logs, deliveries and reports failed; will try again later")
             return
-        if lines or deliveries:
-            log.info("pruned %d log line(s) and %d delivery record(s) past their retention", lines, deliveries)
+        if lines or deliveries or reports:
+            log.info("pruned %d log line(s), %d delivery record(s) and %d report(s) past their retention",
+                     lines, deliveries, reports)
 
     async def _fill(self) -> None:
         free = self.settings.concurrency - len(self.running)

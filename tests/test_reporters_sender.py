@@ -531,24 +531,3 @@ def test_pace_room():
     pace = Pace(per_minute=3)
     pace.take("github", 2, now=0.0)
     assert (pace.room("github", now=1.0), pace.room("github", now=61.0), pace.room("gitlab", now=1.0)) == (1, 3, 3)
-
-
-def test_the_sender_prunes_reports_that_ended_past_retention(db, github, key):
-    forge = Forge(db)
-    settings = app_settings(db, github, key, report_retention_hours=24)
-
-    async def send_all(queue_one) -> int:
-        sender = Sender(db, settings)
-        sending = asyncio.create_task(sender.run())
-        build_id = queue_one()
-        await until_sent(db)
-        sender.stop()
-        await sending
-        return build_id
-
-    old = asyncio.run(send_all(forge.queue))
-    db.write_sync(lambda c: c.execute(reports.update().values(sent_at=utcnow() - timedelta(hours=25))))
-    # a restarted sender prunes at its first round
-    new = asyncio.run(send_all(lambda: forge.queue(ref="refs/heads/other")))
-    assert {r.build_id for r in report_rows(db)} == {new} and old != new
-    assert asyncio.run(Sender(db, settings).prune()) == 0

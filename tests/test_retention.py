@@ -1,5 +1,6 @@
-"""Retention (bot.retention): old build logs and webhook deliveries go, batch by batch; builds,
-their telemetry, unfinished builds' logs and recent ones stay. The worker prunes when it starts."""
+"""Retention (bot.retention): old build logs, webhook deliveries and ended reports go, batch by
+batch; builds, their telemetry, unfinished builds' logs, pending reports and recent ones stay.
+The worker prunes when it starts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from bot import retention, telemetry
-from bot.models import BuildStatus, build_logs, builds, deliveries, telemetry_events, utcnow
+from bot.models import BuildStatus, build_logs, builds, deliveries, reports, telemetry_events, utcnow
 from bot.worker import BuildOutcome, Worker
 from tests.support import make_settings
 from tests.test_queue import enqueue, request
@@ -73,13 +74,18 @@ def test_deliveries_past_retention_go_their_builds_stay(db):
 
 def test_prune_history_follows_the_settings(db, history):
     old, recent, queued = history
+    # the old build's report was sent 8 days ago; the others are still pending (never pruned)
+    db.write_sync(lambda c: c.execute(update(reports).where(reports.c.build_id == old).values(
+        state="sent", sent_at=utcnow() - timedelta(days=8))))
     keep_forever = make_settings(db.url, log_retention_days=0)
-    assert asyncio.run(retention.prune_history(db, keep_forever, utcnow())) == (0, 0)
+    assert asyncio.run(retention.prune_history(db, keep_forever, utcnow())) == (0, 0, 1)  # reports: 168 h
     assert retention.logs_kept_since(keep_forever, utcnow()) is None
     week = make_settings(db.url, log_retention_days=7, delivery_retention_days=4)
-    deliveries_left = count(db, deliveries)
-    assert asyncio.run(retention.prune_history(db, week, utcnow())) == (6, 0)
-    assert asyncio.run(retention.prune_history(db, week, utcnow() + timedelta(days=5))) == (0, deliveries_left)
+    deliveries_left, reports_left = count(db, deliveries), count(db, reports)
+    assert reports_left == 2
+    assert asyncio.run(retention.prune_history(db, week, utcnow())) == (6, 0, 0)
+    assert asyncio.run(retention.prune_history(db, week, utcnow() + timedelta(days=5))) == (0, deliveries_left, 0)
+    assert count(db, reports) == reports_left
 
 
 def test_delivery_retention_must_outlast_githubs_redelivery_window():

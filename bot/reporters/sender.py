@@ -45,8 +45,6 @@ BATCH = 8
 ROUND_GAP = 0.05
 #: Events after which the worker has owed a report (its start and end, and progress).
 WAKING_EVENTS = outbox.PROGRESS_EVENTS | {"build_started", "build_succeeded", "build_failed", "build_cancelled"}
-#: Seconds between two prunings of ended reports (each process prunes; deleting is idempotent).
-PRUNE_EVERY_SECONDS = 600.0
 #: GitLab's answer when a status is already in the state posted (e.g. ``running`` twice after a
 #: build was re-queued): the report has nothing left to say.
 GITLAB_SAME_STATE = "Cannot transition status"
@@ -152,7 +150,6 @@ class Sender:
         self._last_interim: dict[int, float] = {}  # build id -> monotonic time of its last PATCH
         self.pace = Pace(settings.report_requests_per_minute, settings.report_requests_per_hour)
         self.sent = 0  # requests that reached the forge and were accepted (tests, metrics)
-        self._next_prune = 0.0  # monotonic time of the next pruning (0: at the first round)
         #: Forges nothing is sent to until a monotonic time: one that asked us to wait (a rate
         #: limit holds for every request of its principal, not just the refused one), or is
         #: failing (5xx, network), where one probe at a time beats a batch of doomed requests.
@@ -187,7 +184,6 @@ class Sender:
         follower = asyncio.create_task(self._follow(), name="report-wakeups") if self.bus else None
         try:
             while not self._stopping:
-                await self._prune_when_due()
                 if not self.enabled or not await self.send_round():
                     await self._idle()
                 else:  # more may be due; but let a burst of wake-ups make one round, not many
@@ -210,25 +206,6 @@ class Sender:
                     self.wake()
         finally:
             subscription.close()
-
-    async def _prune_when_due(self) -> None:
-        if time.monotonic() < self._next_prune:
-            return
-        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-        try:
-            await self.prune()
-        except Exception:  # pruning is housekeeping: reporting goes on without it
-            log.exception("pruning ended reports failed; will try again in %.0f s", PRUNE_EVERY_SECONDS)
-
-    async def prune(self) -> int:
-        """Delete the reports that ended longer than ``REPORT_RETENTION_HOURS`` ago."""
-        before = utcnow() - timedelta(hours=self.settings.report_retention_hours)
-        total = 0
-        while deleted := await self.db.write(lambda conn: outbox.prune(conn, before)):
-            total += deleted
-        if total:
-            log.info("pruned %d report(s) that ended before %s", total, before.isoformat(timespec="seconds"))
-        return total
 
     async def _idle(self) -> None:
         timeout = self.settings.poll_seconds
