@@ -18,6 +18,7 @@ from bot.runtimes import BuildJob
 from bot.runtimes.kubernetes import REGISTRY_SECRET, KubernetesRuntime
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
+from tests.support import infra
 from tests.e2e.test_reporting import github, key  # noqa: F401 - fixtures: the GitHub App stand-in
 from tests.test_pipeline_run import (  # noqa: F401 - database is a fixture
     PLATFORMS,
@@ -40,7 +41,9 @@ def k8s() -> Cluster:
 
 @pytest.fixture(scope="module")
 def services(k8s: Cluster) -> dict[str, str]:
-    return k8s.env
+    """The env file read afresh once the components these tests use are up (the cluster's own
+    snapshot of it predates any component another test started later, e.g. dev-base-image)."""
+    return infra("docker", "registry", "binfmt", "base-image", "dev-base-image")
 
 
 @pytest.fixture
