@@ -99,3 +99,25 @@ def client(db: dbmod.Database, db_url: str) -> Iterator[TestClient]:
     app = create_app(make_settings(db_url), run_worker=False, db=db)
     with TestClient(app, raise_server_exceptions=True) as test_client:
         yield test_client
+
+
+# -- the time budget --------------------------------------------------------------------------
+
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Seconds per test module (set-up, call and teardown), slowest first: the whole run must
+    stay under 40 minutes on a fresh 2-core machine, so the slow modules are watched here."""
+    if not _MODULE_SECONDS:
+        return
+    terminalreporter.section("seconds per module (slowest 15)")
+    ranked = sorted(_MODULE_SECONDS.items(), key=lambda item: item[1], reverse=True)
+    for module, seconds in ranked[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f}  {module}")
+    terminalreporter.write_line(f"{sum(_MODULE_SECONDS.values()):8.1f}  all {len(ranked)} modules")
