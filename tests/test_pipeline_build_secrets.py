@@ -121,16 +121,20 @@ def test_a_secret_used_in_an_earlier_stage_only_is_pushed(services, database, tm
     assert value not in json.dumps([lines, events(database, build)], ensure_ascii=False)
 
 
-def test_every_form_of_a_secret_is_masked_in_log_telemetry_error_and_check_run(services, database, tmp_path):
-    value = secret()
+@pytest.mark.parametrize("whose", ["an operator build secret", "the registry password"])
+def test_every_form_of_a_secret_is_masked_in_log_telemetry_error_and_check_run(services, database, tmp_path, whose):
+    operator = whose == "an operator build secret"
+    value = secret() if operator else services["IMAGEBOT_TEST_REGISTRY_PASSWORD"]
     shown = forms(value)
     echoes = " && ".join(f"echo {shell_quoted(name + ': ' + form)}" for name, form in shown.items())
     files = {
-        # the earlier stage prints each form, then fails with all of them in its command
-        "Dockerfile": SECRET_STAGE.format(base=services["IMAGEBOT_TEST_BASE_IMAGE"]) + f"RUN {echoes} && false\n",
-        ".imagebot.yml": "secrets: [TOKEN]\nplatforms: [linux/amd64]\n",
+        # the earlier stage prints each form, then fails with all of them in its command (a
+        # Docker-runtime BuildError's message)
+        "Dockerfile": (SECRET_STAGE.format(base=services["IMAGEBOT_TEST_BASE_IMAGE"])
+                       + f"RUN echo {uuid.uuid4().hex} && {echoes} && false\n"),
+        ".imagebot.yml": ("secrets: [TOKEN]\n" if operator else "") + "platforms: [linux/amd64]\n",
     }
-    _, build, outcome = build_with(services, database, tmp_path, files, {"acme/app": {"TOKEN": value}})
+    _, build, outcome = build_with(services, database, tmp_path, files, {"acme/app": {"TOKEN": value}} if operator else {})
     assert outcome.status is BuildStatus.failed and outcome.error_kind == "build"
     lines = [line["line"] for line in log_of(database, build)]
     for name in shown:

@@ -28,12 +28,12 @@ def test_globs(glob, repo, matches):
 def test_entries_apply_in_file_order_and_files_are_read(tmp_path):
     (tmp_path / "npm").write_text("npm-from-file\n")
     path = tmp_path / "secrets.yml"
-    path.write_text("'**': {SENTRY: all-sentry, NPM: generic}\n"
+    path.write_text("'**': {SENTRY: all-sentry, NPM: generic-npm}\n"
                     "acme/*: {NPM_FILE: npm}\n"
                     "other/app: {NPM: not-for-acme}\n")
     entries = load(path)
     assert for_repository(entries, "acme/app") == {"SENTRY": "all-sentry", "NPM": "npm-from-file"}
-    assert for_repository(entries, "zeta/x") == {"SENTRY": "all-sentry", "NPM": "generic"}
+    assert for_repository(entries, "zeta/x") == {"SENTRY": "all-sentry", "NPM": "generic-npm"}
 
 
 def test_json_works_too(tmp_path):
@@ -43,7 +43,7 @@ def test_json_works_too(tmp_path):
 
 
 def test_a_build_gets_only_what_it_asks_for():
-    assert select(["A"], {"A": "1111", "B": "2222"}, "acme/app") == {"A": "1111"}
+    assert select(["A"], {"A": "11111111", "B": "22222222"}, "acme/app") == {"A": "11111111"}
     with pytest.raises(ValueError, match=r"B is not among .* acme/app .*available: none"):
         select(["B"], {}, "acme/app")
 
@@ -52,7 +52,8 @@ def test_a_build_gets_only_what_it_asks_for():
     ("- a\n", "expected a mapping of repository globs to {NAME: value}"),
     ("acme/app: [hunter2-value]\n", "'acme/app': expected a mapping of NAME to a value or NAME_FILE to a path"),
     ("acme/app: {TOKEN: 1234567}\n", "'acme/app': TOKEN must be a string (put it in quotes)"),
-    ("acme/app: {TOKEN: ''}\n", "'acme/app': TOKEN is empty"),
+    ("acme/app: {TOKEN: ''}\n", "'acme/app': TOKEN is shorter than 8 characters"),
+    ("acme/app: {TOKEN: hunter2}\n", "'acme/app': TOKEN is shorter than 8 characters"),
     ("acme/app: {'bad name': hunter2-value}\n", "'acme/app': 'bad name' is not a build arg name (letters, digits and _)"),
     ("acme/app: {TOKEN: hunter2-value, TOKEN_FILE: f}\n", "'acme/app': TOKEN is given twice (as TOKEN and TOKEN_FILE)"),
     ("acme/app: {TOKEN_FILE: missing}\n", "'acme/app': TOKEN_FILE: cannot read"),

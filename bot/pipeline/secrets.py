@@ -29,6 +29,8 @@ import yaml
 
 #: Far more than any secrets file needs; a bigger one is a mistake.
 MAX_FILE_BYTES = 1024 * 1024
+#: Shorter values can't be told from ordinary text, in logs or in an image's history.
+MIN_LENGTH = 8
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 _SUFFIX = "_FILE"
 
@@ -85,8 +87,9 @@ def _value(path: Path, glob: str, name: str, value: object) -> tuple[str, str]:
         raise ValueError(f"{glob!r}: {name!r} is not a build arg name (letters, digits and _)")
     if not isinstance(value, str):
         raise ValueError(f"{glob!r}: {name} must be a string (put it in quotes)")
-    if not value:
-        raise ValueError(f"{glob!r}: {name} is empty")
+    if len(value) < MIN_LENGTH:
+        raise ValueError(f"{glob!r}: {name} is shorter than {MIN_LENGTH} characters (a value that short "
+                         "would be masked out of unrelated text, and found in images it is not in)")
     return name, value
 
 
