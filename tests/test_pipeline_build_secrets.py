@@ -134,7 +134,8 @@ def test_every_form_of_a_secret_is_masked_in_log_telemetry_error_and_check_run(s
                        + f"RUN echo {uuid.uuid4().hex} && {echoes} && false\n"),
         ".imagebot.yml": ("secrets: [TOKEN]\n" if operator else "") + "platforms: [linux/amd64]\n",
     }
-    _, build, outcome = build_with(services, database, tmp_path, files, {"acme/app": {"TOKEN": value}} if operator else {})
+    mapping = {"acme/app": {"TOKEN": value}} if operator else {}
+    _, build, outcome = build_with(services, database, tmp_path, files, mapping)
     assert outcome.status is BuildStatus.failed and outcome.error_kind == "build"
     lines = [line["line"] for line in log_of(database, build)]
     for name in shown:

@@ -361,7 +361,8 @@ class Pipeline:
             raise BuildError(pull_failure_kind(exc.error.kind),
                              f"pulling a base image failed{tries}: {exc.error.detail}") from None
 
-    async def _pull_credentials(self, build: Build, credentials: RegistryCredentials | None) -> dict[str, Credentials] | None:
+    async def _pull_credentials(self, build: Build,
+                                credentials: RegistryCredentials | None) -> dict[str, Credentials] | None:
         """The registry credentials a build may pull its base images with, as they are now."""
         current = await self._quiet_get(credentials) if credentials else None
         self._note(build, current)

@@ -150,7 +150,8 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
 
 def _secrets(job: BuildJob) -> tuple[str, ...]:
     """What must not reach a message: secret build args and the registry passwords."""
-    return tuple(job.secrets.values()) + tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
+    passwords = tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
+    return tuple(job.secrets.values()) + passwords
 
 
 def platform_mixup(message: str) -> bool:
