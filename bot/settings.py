@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     #: Bearer token for POST /api/builds/{id}/rebuild and /cancel; unset: those answer 503.
     admin_token: SecretStr | None = None
 
+    #: The operator's build secrets (JSON or YAML: repository glob -> {NAME: value or
+    #: NAME_FILE: path}, bot.pipeline.secrets); read at start-up and again for every build.
+    build_secrets_file: Path | None = None
+
     # Pipeline.
     #: Where checkouts go while a build runs (removed afterwards); default: the system temp dir.
     work_dir: Path | None = None
@@ -272,6 +276,18 @@ class Settings(BaseSettings):
             problems.append("IMAGEBOT_REGISTRY_CREDENTIAL_HELPER is a helper name, e.g. ecr-login")
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_build_secrets_file(self) -> Settings:
+        """A secrets file that cannot be used stops start-up (its problems never show a value)."""
+        if self.build_secrets_file is not None:
+            from bot.pipeline import secrets
+
+            try:
+                secrets.load(self.build_secrets_file)
+            except secrets.SecretsFileError as exc:
+                raise ValueError(exc.message) from None
         return self
 
     @property

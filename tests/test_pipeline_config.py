@@ -52,7 +52,7 @@ def test_no_file_gives_the_defaults(checkout):
     assert (config.dockerfile, config.context, config.platforms) == ("Dockerfile", ".", None)
     assert config.build_args == {} and config.labels == {} and config.tags == []
     assert (config.target, config.image, config.allow_partial) == (None, None, False)
-    assert config.secret_build_args == []
+    assert config.secrets == [] and config.secret_build_args is None
     assert all(config.pushes(kind) for kind in BuildKind)
     assert config.source is None
 
@@ -82,7 +82,7 @@ push:
 labels:
   org.opencontainers.image.vendor: Acme
 allow_partial: true
-secret_build_args: [API_TOKEN]
+secrets: [NPM_TOKEN]
 """
 
 
@@ -96,7 +96,7 @@ def test_every_key(checkout):
     assert config.tags == ["{branch}-{short_sha}", "stable"]
     assert config.labels == {"org.opencontainers.image.vendor": "Acme"}
     assert config.allow_partial is True
-    assert config.secret_build_args == ["API_TOKEN"]
+    assert config.secrets == ["NPM_TOKEN"]
     assert config.pushes("branch") and config.pushes(BuildKind.tag)
     assert not config.pushes("pull_request")
 
@@ -190,7 +190,7 @@ def test_duplicate_keys_are_reported_with_lines(checkout):
         ("push: {tag: 'no'}\n", "push.tag: expected true or false, got the string 'no' (without quotes)"),
         ("target: 'my stage'\n", "target: 'my stage' is not a Dockerfile stage name (FROM ... AS <name>)"),
         ("target: 7\n", "target: expected a string, got the number 7 (put it in quotes)"),
-        ("secret_build_args: TOKEN\n", "secret_build_args: expected a list, got the string 'TOKEN'"),
+        ("secrets: TOKEN\n", "secrets: expected a list, got the string 'TOKEN'"),
     ],
 )
 def test_wrong_types_and_values(checkout, text, expected):
@@ -206,8 +206,8 @@ def test_every_problem_is_listed_in_one_message(checkout):
         ".imagebot.yml: tags[0]: tag template '{nope}' has an unknown placeholder {nope}; use one of "
         "{branch}, {tag}, {pr}, {sha}, {short_sha}, {version}, {major}, {minor}, {patch}, {kind}",
         ".imagebot.yml: imgae: unknown key; did you mean image? known keys are allow_partial, "
-        "build_args, context, dockerfile, image, labels, platforms, push, secret_build_args, tags, "
-        "target",
+        "build_args, context, dockerfile, image, labels, platforms, push, secret_build_args, secrets, "
+        "tags, target",
     ]
     with pytest.raises(ConfigError) as info:
         load_config(checkout)
@@ -310,19 +310,25 @@ def test_bad_build_args_and_labels(checkout, text, expected):
     assert problems_of(checkout, text) == [f".imagebot.yml: {expected}"]
 
 
-def test_secret_build_args_must_be_build_args(checkout):
-    problems = problems_of(
-        checkout, "build_args: {TOKEN: s3cret, USER: bob}\nsecret_build_args: [TOKEN, PASSWORD, KEY]\n"
-    )
-    assert problems == [
-        ".imagebot.yml: secret_build_args[1]: 'PASSWORD' is not a key of build_args",
-        ".imagebot.yml: secret_build_args[2]: 'KEY' is not a key of build_args",
-    ]
+@pytest.mark.parametrize("value", ["[TOKEN]", "[]"])
+def test_secret_build_args_are_refused_pointing_at_the_operator_file(checkout, value):
+    (problem,) = problems_of(checkout, f"build_args: {{TOKEN: s3cret}}\nsecret_build_args: {value}\n")
+    assert problem.startswith(".imagebot.yml: secret_build_args: is no longer supported: a value committed")
+    assert "IMAGEBOT_BUILD_SECRETS_FILE" in problem and "secrets: [TOKEN]" in problem
 
 
-def test_secret_build_args_valid_and_deduplicated(checkout):
-    write(checkout, "build_args: {TOKEN: s3cret}\nsecret_build_args: [TOKEN, TOKEN]\n")
-    assert load_config(checkout).secret_build_args == ["TOKEN"]
+def test_secrets_are_names_and_never_build_args_too(checkout):
+    problems = problems_of(checkout, "build_args: {TOKEN: x}\nsecrets: [TOKEN, 'not a name']\n")
+    assert problems == [".imagebot.yml: secrets[1]: 'not a name' is not a build arg name "
+                        "(letters, digits and _, not starting with a digit)"]
+    assert problems_of(checkout, "build_args: {TOKEN: x}\nsecrets: [OTHER, TOKEN]\n") == [
+        ".imagebot.yml: secrets[1]: TOKEN is also a key of build_args; a secret's value comes from "
+        "the operator only"]
+
+
+def test_secrets_deduplicated(checkout):
+    write(checkout, "secrets: [TOKEN, TOKEN, NPM]\n")
+    assert load_config(checkout).secrets == ["TOKEN", "NPM"]
 
 
 def test_secret_values_never_appear_in_problems(checkout):

@@ -144,6 +144,6 @@ def test_classify(stderr, kind):
 def test_masker_blanks_raw_and_encoded_token():
     import base64
 
-    mask = masker(SecretStr("s3cr3t"), "oauth2")
+    mask = masker(SecretStr("s3cr3t"), "oauth2").mask
     encoded = base64.b64encode(b"oauth2:s3cr3t").decode()
     assert mask(f"token s3cr3t and {encoded}") == "token *** and ***"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.models import Build, BuildKind, BuildStatus, utcnow
-from bot.pipeline.config import parse_config
+from bot.pipeline.config import ConfigError, parse_config
 from bot.pipeline.run import make_plan
 from tests.support import make_settings
 
@@ -73,11 +73,28 @@ def test_repo_config_overrides_platforms_image_tags_and_labels():
     config = parse_config(
         "platforms: [linux/arm/v7]\nimage: ghcr.io/other/name\ntags: ['build-{short_sha}']\n"
         "labels: {org.opencontainers.image.revision: forged, team: core}\n"
-        "build_args: {TOKEN: s3cret, MODE: prod}\nsecret_build_args: [TOKEN]\n"
+        "build_args: {MODE: prod}\nsecrets: [TOKEN]\n"
     )
-    plan = make_plan(build(), config, settings())
+    plan = make_plan(build(), config, settings(), given={"TOKEN": "s3cret", "OTHER": "x"})
     assert plan.platforms == ["linux/arm/v7"] and plan.image == "ghcr.io/other/name"
     assert plan.user_tags[-1] == "build-0123456"
     assert plan.labels["team"] == "core"
     assert plan.labels["org.opencontainers.image.revision"] == SHA  # the truth wins over the repo's
-    assert plan.secrets == ("s3cret",)
+    assert plan.secrets == {"TOKEN": "s3cret"} and "s3cret" not in repr(plan)
+
+
+def test_a_fork_pull_request_gets_no_build_secrets():
+    fork = build(kind=BuildKind.pull_request, ref="refs/pull/7/head", pr_number=7, fork=True)
+    plan = make_plan(fork, parse_config("secrets: [TOKEN]\n"), settings(), given={"TOKEN": "s3cret"})
+    assert plan.secrets == {}
+    # a fork asking for a secret the operator never gave is no error either: it gets none anyway
+    assert make_plan(fork, parse_config("secrets: [NOPE]\n"), settings()).secrets == {}
+
+
+def test_a_secret_the_operator_did_not_give_is_a_config_error_naming_what_is():
+    with pytest.raises(ConfigError) as info:
+        make_plan(build(), parse_config("secrets: [TOKEN, NPM]\n"), settings(), given={"NPM": "s3cret-npm"})
+    assert info.value.kind == "config"
+    assert str(info.value) == (".imagebot.yml: secrets: TOKEN is not among the build secrets the operator "
+                               "gives to Acme/App (IMAGEBOT_BUILD_SECRETS_FILE; available: NPM)")
+    assert "s3cret" not in str(info.value)

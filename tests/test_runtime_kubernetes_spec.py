@@ -38,7 +38,7 @@ def job(push=True, pull=True, platform="linux/arm64") -> BuildJob:
         image="registry.example/acme/app:sha-aaaaaaa-linux-arm64",
         source=Source(root, "https://github.com/acme/app.git", "a" * 40, "refs/heads/main", SecretStr(TOKEN),
                       "x-access-token"),
-        build_id=12, push=push, secrets=(SECRET_ARG,),
+        build_id=12, push=push, secrets={"TOKEN": SECRET_ARG},
     )
 
 

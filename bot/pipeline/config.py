@@ -152,8 +152,11 @@ class RepoConfig(BaseModel):
     push: Annotated[PushPolicy, BeforeValidator(_expand_push)] = Field(default_factory=PushPolicy)
     labels: dict[LabelName, StrictStr] = Field(default_factory=dict)
     allow_partial: StrictBool = False
-    #: Names of build_args whose values are never shown (the pipeline masks them).
-    secret_build_args: list[StrictStr] = Field(default_factory=list)
+    #: The operator's build secrets (IMAGEBOT_BUILD_SECRETS_FILE) this build uses, by name;
+    #: a repository names them, never holds them (bot.pipeline.secrets).
+    secrets: list[ArgName] = Field(default_factory=list)
+    #: Refused: values committed in the repository are no secret (see _check_secrets).
+    secret_build_args: Any = None
 
     #: The file this came from, for messages about it; None for the defaults.
     _source: str | None = PrivateAttr(default=None)
@@ -186,14 +189,20 @@ class RepoConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_secrets(self) -> RepoConfig:
+        if self.secret_build_args is not None:
+            raise ValueError(
+                "secret_build_args: is no longer supported: a value committed to the repository is no "
+                "secret, and the Docker engine writes build args into the pushed image's history. Ask the "
+                "operator to add it to the build secrets file (IMAGEBOT_BUILD_SECRETS_FILE) and name it "
+                "under secrets: (e.g. secrets: [TOKEN]) instead")
         problems = [
-            f"secret_build_args[{i}]: {name!r} is not a key of build_args"
-            for i, name in enumerate(self.secret_build_args)
-            if name not in self.build_args
+            f"secrets[{i}]: {name} is also a key of build_args; a secret's value comes from the operator only"
+            for i, name in enumerate(self.secrets)
+            if name in self.build_args
         ]
         if problems:
             raise ValueError("\n".join(problems))
-        self.secret_build_args = list(dict.fromkeys(self.secret_build_args))
+        self.secrets = list(dict.fromkeys(self.secrets))
         return self
 
     @property

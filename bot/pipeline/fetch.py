@@ -5,7 +5,7 @@ that allow unadvertised objects in ``want`` (GitHub and GitLab do); otherwise th
 and the sha looked up in it. The token travels as an ``http.<origin>/.extraHeader`` set through
 ``GIT_CONFIG_*`` environment variables: never on a command line, in a URL, in .git/config or in
 a credential store, and only sent to the forge's own origin. Every message that leaves this
-module has the token (and its Basic encoding) masked.
+module has the token masked in every form (bot.masking).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
+from bot.masking import Masker
 from bot.pipeline import StepError
 
 SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
@@ -97,20 +98,12 @@ def git_env(clone_url: str, token: SecretStr | None, username: str, home: Path) 
     return env
 
 
-def masker(token: SecretStr | None, username: str) -> Callable[[str], str]:
-    """A function that blanks the token, in the clear and Basic-encoded, out of any text."""
-    secrets: list[str] = []
-    if token is not None:
-        raw = token.get_secret_value()
-        secrets = [raw, base64.b64encode(f"{username}:{raw}".encode()).decode()]
-
-    def mask(text: str) -> str:
-        for secret in secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text
-
-    return mask
+def masker(token: SecretStr | None, username: str) -> Masker:
+    """The masker of a fetch: the token, in the clear and in any encoding (bot.masking),
+    and its HTTP Basic pair with ``username``."""
+    masked = Masker()
+    masked.add_basic(username, token.get_secret_value() if token is not None else None)
+    return masked
 
 
 async def _git(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str]:
@@ -147,7 +140,7 @@ async def fetch(
     if not SHA.match(sha):
         raise FetchError("sha_not_found", f"{sha!r} is not a full commit sha")
     started = time.monotonic()
-    mask = masker(token, username)
+    mask = masker(token, username).mask
     dest.mkdir(parents=True)
     env = git_env(clone_url, token, username, dest.parent)
     deadline = started + timeout
@@ -202,7 +195,7 @@ async def resolve(
     A full sha is taken as it is (with ``ref``, or the default branch, as the ref to fall
     back on when fetching); a name is looked up as a branch, then as a tag.
     """
-    mask = masker(token, username)
+    mask = masker(token, username).mask
     with tempfile.TemporaryDirectory(prefix="imagebot-resolve-") as home:
         env = git_env(clone_url, token, username, Path(home))
         candidates = [ref_or_sha] if ref_or_sha.startswith("refs/") else [

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_exponential_jitter
 
+from bot.masking import mask
+
 T = TypeVar("T")
 
 RETRYABLE = frozenset({"network", "registry"})
@@ -54,7 +56,8 @@ _STATUS_KINDS = {401: "auth", 403: "denied", 404: "not_found", 429: "registry"}
 
 
 def sanitize(detail: Any, secrets: tuple[str, ...] = ()) -> str:
-    """Registry detail as one short printable line, whatever shape it came in."""
+    """Registry detail as one short printable line, whatever shape it came in, with every
+    form of ``secrets`` masked (bot.masking)."""
     if isinstance(detail, bytes):
         detail = detail.decode("utf-8", "replace")
     elif not isinstance(detail, str):
@@ -62,10 +65,7 @@ def sanitize(detail: Any, secrets: tuple[str, ...] = ()) -> str:
             detail = repr(detail)
         except Exception:  # noqa: BLE001 - a detail object whose repr fails is still a detail
             detail = f"<unprintable {type(detail).__name__}>"
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", detail).strip()
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    text = mask(re.sub(r"[\x00-\x1f\x7f]+", " ", detail).strip(), secrets)
     return text[:DETAIL_LIMIT] + ("…" if len(text) > DETAIL_LIMIT else "") if text else "(no detail)"
 
 

@@ -11,16 +11,19 @@ import asyncio
 import platform as host_platform
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from bot.masking import Masker
 from bot.models import Build, BuildKind, BuildStatus, utcnow
+from bot.pipeline import secrets as build_secrets
 from bot.pipeline import tags
 from bot.pipeline.config import ConfigError, RepoConfig, load_config, resolve_paths
 from bot.pipeline.credentials import Credentials, CredentialsError, RegistryCredentials
-from bot.pipeline.fetch import TOKEN_USERS, Checkout, FetchError, fetch, masker
+from bot.pipeline.fetch import TOKEN_USERS, Checkout, FetchError, fetch
 from bot.pipeline.manifest import Descriptor, RegistryClient, manifest_list
 from bot.pipeline.push import Exhausted, RegistryError, Retry, RetryPolicy, pull_failure_kind, with_retries
 from bot.reporters.errors import ReportError
@@ -54,7 +57,8 @@ class Plan:
     #: Trusted builds may use the bot's registry credentials (to pull private base images
     #: too); an untrusted one (a fork's pull request) never gets them.
     trusted: bool = True
-    secrets: tuple[str, ...] = ()
+    #: The operator's build secrets this build asked for (none for untrusted builds).
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -71,8 +75,10 @@ def source_url(clone_url: str) -> str:
     return clone_url.removesuffix(".git")
 
 
-def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: bool = False) -> Plan:
-    """Names, tags, platforms and permissions of ``build`` (pure; raises TagError)."""
+def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: bool = False,
+              given: Mapping[str, str] | None = None) -> Plan:
+    """Names, tags, platforms and permissions of ``build`` (pure; raises TagError, or
+    ConfigError for a secret ``given`` (the operator's for this repository) lacks)."""
     platforms = [tags.normalize_platform(p) for p in (config.platforms or build.platforms)]
     reasons = ["--no-push was given"] if no_push else []
     if build.fork:
@@ -102,8 +108,18 @@ def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: boo
         target=config.target,
         allow_partial=config.allow_partial,
         trusted=not build.fork,
-        secrets=tuple(config.build_args[name] for name in config.secret_build_args),
+        secrets=_secrets(build, config, given or {}),
     )
+
+
+def _secrets(build: Build, config: RepoConfig, given: Mapping[str, str]) -> dict[str, str]:
+    """What the build gets of the secrets it asks for: those named, and none for a fork."""
+    if build.fork:
+        return {}
+    try:
+        return build_secrets.select(config.secrets, given, build.repo)
+    except ValueError as exc:
+        raise ConfigError([f"{config.source or '.imagebot.yml'}: {exc}"]) from None
 
 
 class Pipeline:
@@ -118,6 +134,9 @@ class Pipeline:
         self.policy = RetryPolicy(settings.push_retries, settings.retry_initial_seconds,
                                   settings.retry_max_seconds)
         self.forge_tokens = forge_tokens
+        #: Per running build: every secret it may meet; all it emits, logs and ends with is
+        #: masked against them (bot.masking).
+        self._maskers: dict[int, Masker] = {}
 
     async def aclose(self) -> None:
         """Close the runtime's and GitHub's clients (the worker is done with this pipeline)."""
@@ -128,25 +147,65 @@ class Pipeline:
     # -- the whole build ------------------------------------------------------------------------
 
     async def __call__(self, build: Build) -> BuildOutcome:
+        self._maskers[build.id] = self._masker()
+        try:
+            outcome = await self._run(build)
+        finally:
+            masker = self._maskers.pop(build.id)
+        if outcome.error_message:
+            outcome = replace(outcome, error_message=masker.mask(outcome.error_message))
+        return outcome
+
+    def _masker(self) -> Masker:
+        """A build's masker, knowing the operator's own secrets from the start."""
+        s = self.settings
+        masker = Masker([v.get_secret_value() for v in (
+            s.github_webhook_secret, s.gitlab_webhook_token, s.github_token, s.gitlab_api_token,
+            s.admin_token) if v is not None])
+        masker.add_basic(s.registry_username or "", s.registry_password.get_secret_value()
+                         if s.registry_password else None)
+        return masker
+
+    async def _run(self, build: Build) -> BuildOutcome:
         started = time.monotonic()
+        masker = self._maskers[build.id]
         with tempfile.TemporaryDirectory(prefix=f"imagebot-{build.id}-", dir=self.settings.work_dir) as work:
             try:
                 token = await self._forge_token(build)
+                masker.add_basic(TOKEN_USERS.get(build.provider, "x-access-token"),
+                                 token.get_secret_value() if token else None)
                 checkout = await self._fetch(build, Path(work) / "src", token)
             except FetchError as exc:
                 await self.emit(build, "fetch_failed", kind=exc.kind, message=exc.message)
                 return _failed("fetch", exc.kind, exc.message)
             try:
                 config = load_config(checkout.path)
+                given = await self._given_secrets(build, config)
                 dockerfile, context = resolve_paths(checkout.path, config)
-                plan = make_plan(build, config, self.settings, self.no_push)
-            except (ConfigError, tags.TagError) as exc:
+                plan = make_plan(build, config, self.settings, self.no_push, given)
+            except (ConfigError, tags.TagError, build_secrets.SecretsFileError) as exc:
                 await self.log(build, None, [f"ERROR: {exc}"])
-                return _failed("config", "config", str(exc))
+                return _failed("config", exc.kind, str(exc))
+            if build.fork and config.secrets:
+                await self.log(build, None, [f"imagebot: a fork's pull request gets no build secrets "
+                                             f"(asked for: {', '.join(config.secrets)})"])
             source = Source(checkout.path, build.clone_url, checkout.sha, build.ref, token,
                             TOKEN_USERS.get(build.provider, "x-access-token"))
             results = await self._platforms(build, plan, context, dockerfile, source)
         return await self._conclude(build, plan, results, started)
+
+    async def _given_secrets(self, build: Build, config: RepoConfig) -> dict[str, str]:
+        """The operator's build secrets for this repository, where its config asks for some
+        (none for a fork: it never gets them), read from the secrets file again for every
+        build so a rotation takes effect without a restart; each is masked from here on."""
+        path = self.settings.build_secrets_file
+        if build.fork or path is None or not config.secrets:
+            return {}
+        entries = await asyncio.to_thread(build_secrets.load, path)
+        given = build_secrets.for_repository(entries, build.repo)
+        for name, value in given.items():
+            self._maskers[build.id].add(value, name)
+        return given
 
     async def _fetch(self, build: Build, dest: Path, token: SecretStr | None) -> Checkout:
         username = TOKEN_USERS.get(build.provider, "x-access-token")
@@ -243,6 +302,7 @@ class Pipeline:
         platform = job.platform
         try:
             image_id = await self._build(build, plan, job, credentials)
+            await self._check_secrets(job, image_id)
         except BuildError as exc:
             await self.emit(build, "build_platform_failed", platform, kind=exc.kind, message=exc.message,
                             duration_s=_since(started))
@@ -252,6 +312,20 @@ class Pipeline:
             await self.emit(build, "push_skipped", platform, reason=plan.skip_reason or "not pushed")
             return PlatformResult(platform, True)
         return await self._tag_and_push(build, plan, platform, image_id, target, credentials)
+
+    async def _check_secrets(self, job: BuildJob, image_id: str) -> None:
+        """Refuse an image whose config or history carries a build secret, in any form the
+        masker knows (Docker's classic builder writes the build args a ``RUN`` used into the
+        history: a secret may only be used in an earlier stage of a multi-stage build)."""
+        if not job.secrets:
+            return
+        record = await self.runtime.image_record(image_id)
+        found = Masker(job.secrets).found(record) if record else []
+        if found:
+            raise BuildError("config", (
+                f"the built image's config or history contains the build secret {', '.join(found)}, "
+                "so it is not pushed: use build secrets only in an earlier stage of a multi-stage "
+                "build (its final stage must not declare them as ARG or ENV)"))
 
     async def _build(self, build: Build, plan: Plan, job: BuildJob, credentials: RegistryCredentials | None) -> str:
         """Build one platform; the image id. Raises BuildError.
@@ -267,10 +341,10 @@ class Pipeline:
 
         async def attempt() -> str:
             nonlocal generation
-            pull = await self._pull_credentials(credentials)
+            pull = await self._pull_credentials(build, credentials)
             generation = credentials.generation if credentials else 0
             return await self.runtime.build(replace(job, pull_credentials=pull),
-                                            lambda lines: self.log(build, platform, lines, plan.secrets))
+                                            lambda lines: self.log(build, platform, lines))
 
         async def on_retry(retry: Retry) -> None:
             await self.emit(build, "build_platform_retry", platform, attempt=retry.attempt, delay_s=retry.delay_s,
@@ -287,9 +361,11 @@ class Pipeline:
             raise BuildError(pull_failure_kind(exc.error.kind),
                              f"pulling a base image failed{tries}: {exc.error.detail}") from None
 
-    async def _pull_credentials(self, credentials: RegistryCredentials | None) -> dict[str, Credentials] | None:
+    async def _pull_credentials(self, build: Build,
+                                credentials: RegistryCredentials | None) -> dict[str, Credentials] | None:
         """The registry credentials a build may pull its base images with, as they are now."""
         current = await self._quiet_get(credentials) if credentials else None
+        self._note(build, current)
         return {credentials.registry: current} if credentials and current else None
 
     async def _tag_and_push(self, build: Build, plan: Plan, platform: str, image_id: str, target: str,
@@ -312,6 +388,7 @@ class Pipeline:
         async def attempt():
             nonlocal generation
             creds = await credentials.get() if credentials else None
+            self._note(build, creds)
             generation = credentials.generation if credentials else 0
             try:
                 return await asyncio.wait_for(
@@ -342,6 +419,12 @@ class Pipeline:
         await self.emit(build, "push_succeeded", platform, tag=target, digest=pushed.digest, size=pushed.size,
                         duration_s=_since(started), attempts=result.attempts, retries=result.retries)
         return PlatformResult(platform, True, descriptor=Descriptor(platform, pushed.digest, pushed.size, ""))
+
+    def _note(self, build: Build, current: Credentials | None) -> None:
+        """Registry credentials a build is about to use are masked in all it says (a
+        password file or helper may answer new ones at any refresh)."""
+        if current is not None:
+            self._mask(build).add_basic(current.username, current.password.get_secret_value())
 
     async def _quiet_get(self, credentials: RegistryCredentials) -> Credentials | None:
         try:
@@ -405,19 +488,16 @@ class Pipeline:
     # -- telemetry ------------------------------------------------------------------------------
 
     async def emit(self, build: Build, name: str, platform: str | None = None, **data) -> None:
-        await self.telemetry.emit(build.id, name, platform, **data)
+        """Emit a telemetry event, every text in it masked."""
+        await self.telemetry.emit(build.id, name, platform, **self._mask(build).mask_data(data))
 
-    async def log(self, build: Build, platform: str | None, lines: list[str], secrets: tuple[str, ...] = ()) -> None:
-        if secrets:
-            lines = [_mask(line, secrets) for line in lines]
-        await self.telemetry.log_lines(build.id, platform, lines)
+    async def log(self, build: Build, platform: str | None, lines: list[str]) -> None:
+        """Append build-log lines, masked."""
+        masker = self._mask(build)
+        await self.telemetry.log_lines(build.id, platform, [masker.mask(line) for line in lines])
 
-
-def _mask(line: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret:
-            line = line.replace(secret, "***")
-    return line
+    def _mask(self, build: Build) -> Masker:
+        return self._maskers.get(build.id) or self._masker()
 
 
 def _since(started: float) -> float:
@@ -438,4 +518,4 @@ def runner_for(settings: Settings, telemetry: Telemetry):
     return Pipeline(settings, telemetry)
 
 
-__all__ = ["Pipeline", "Plan", "make_plan", "masker", "runner_for"]
+__all__ = ["Pipeline", "Plan", "make_plan", "runner_for"]

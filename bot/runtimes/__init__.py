@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -129,8 +129,11 @@ class BuildJob:
     build_id: int | None = None
     #: Whether a push follows the build (untrusted builds never push).
     push: bool = False
-    #: Build-arg values to keep out of every spec, argv and log.
-    secrets: tuple[str, ...] = ()
+    #: The operator's build secrets this build asked for, name -> value (bot.pipeline.secrets);
+    #: always empty for untrusted builds (a fork's pull request). Each runtime hands them to
+    #: the build its own way (Docker: build args; Kubernetes: buildah ``--secret`` mounts) and
+    #: keeps them out of every spec, argv and message.
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,10 @@ class Runtime(Protocol):
 
     async def push(self, target: str, credentials: Credentials | None, log: LogSink) -> Pushed:
         """One push attempt of ``target``; raises a classified RegistryError."""
+
+    async def image_record(self, image_id: str) -> str | None:
+        """The built image's config and history as text, for the pipeline's check that no
+        build secret is in it; None where the runtime cannot show the image before pushing it."""
 
     async def release(self, target: str) -> None:
         """The platform is over (pushed, failed, or cancelled): free what it held."""

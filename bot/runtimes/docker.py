@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 import threading
@@ -149,7 +150,8 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
 
 def _secrets(job: BuildJob) -> tuple[str, ...]:
     """What must not reach a message: secret build args and the registry passwords."""
-    return job.secrets + tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
+    passwords = tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
+    return tuple(job.secrets.values()) + passwords
 
 
 def platform_mixup(message: str) -> bool:
@@ -227,7 +229,7 @@ class DockerRuntime:
             return engine.build(
                 path=str(job.context), dockerfile=str(job.dockerfile), tag=job.tag,
                 platform=job.platform, pull=not pinned, rm=True, forcerm=True, decode=True,
-                buildargs=job.build_args, labels=job.labels, target=job.target,
+                buildargs={**job.build_args, **job.secrets}, labels=job.labels, target=job.target,
             )
 
         async def pin() -> None:
@@ -354,6 +356,19 @@ class DockerRuntime:
             raise RegistryError.of(str(exc)) from None
         finally:
             engine.close()
+
+    async def image_record(self, image_id: str) -> str | None:
+        """The image's config (``docker inspect``) and history, as JSON text: the classic
+        builder writes the build args a ``RUN`` used into the history."""
+        engine = _engine()
+        try:
+            config = await asyncio.to_thread(engine.inspect_image, image_id)
+            history = await asyncio.to_thread(engine.history, image_id)
+        except DockerException as exc:
+            raise BuildError("engine", f"the Docker engine could not show the built image: {exc}") from None
+        finally:
+            engine.close()
+        return json.dumps([config, history])
 
     async def release(self, target: str) -> None:
         """Nothing to free: the engine keeps its images (they are the next build's cache)."""

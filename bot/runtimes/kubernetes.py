@@ -501,10 +501,15 @@ class KubernetesRuntime:
 
     def _secrets(self, state: _Platform) -> tuple[str, ...]:
         """What must not reach a message: secret build args and the registry passwords."""
-        return state.job.secrets + tuple(c.password.get_secret_value() for c in self._written.values())
+        passwords = tuple(c.password.get_secret_value() for c in self._written.values())
+        return tuple(state.job.secrets.values()) + passwords
 
     async def tag(self, image_id: str, target: str) -> None:
         """Nothing to do: the image was built under its platform tag."""
+
+    async def image_record(self, image_id: str) -> str | None:
+        """None: the pod pushes the image it built; buildah's ``--secret`` mounts never enter it."""
+        return None
 
     async def push(self, target: str, credentials: Credentials | None, log: LogSink) -> Pushed:
         """One push attempt: the ``push`` container's next run."""
@@ -530,7 +535,8 @@ class KubernetesRuntime:
             # could not have worked, and is not an attempt. The next run (after the kubelet's
             # back-off) gets the new credentials.
             await log([f"imagebot: push run {attempt.attempt} had replaced credentials; waiting for the next run"])
-        secrets = state.job.secrets + ((credentials.password.get_secret_value(),) if credentials else ())
+        secrets = tuple(state.job.secrets.values()) + (
+            (credentials.password.get_secret_value(),) if credentials else ())
         if attempt.exit_code != 0:
             raise RegistryError.of(detail or f"the push step exited {attempt.exit_code}", secrets=secrets)
         digest = attempt.message.strip()

@@ -84,13 +84,18 @@ def statuses(github, sha: str) -> list[tuple[str, str]]:
 def test_a_real_two_platform_build_is_reported_and_no_secret_leaks(tmp_path, github, key):
     services = infra("docker", "registry", "binfmt", "base-image")
     build_arg = "build-arg-secret-6c1f0e"
+    base = services["IMAGEBOT_TEST_BASE_IMAGE"]
     files = {
-        "Dockerfile": (f"FROM {services['IMAGEBOT_TEST_BASE_IMAGE']}\nARG TOKEN\n"
-                       # unique, so the layer cache never hides the step's output
-                       f"RUN echo \"{uuid.uuid4().hex} token is $TOKEN\" && uname -m > /arch\n"
+        # the operator's build secret is used in an earlier stage only (the final image's history
+        # must not carry it); the step is unique, so the layer cache never hides its output
+        "Dockerfile": (f"FROM {base} AS uses-secret\nARG TOKEN\n"
+                       f"RUN echo \"{uuid.uuid4().hex} token is $TOKEN\"\n"
+                       f"FROM {base}\nRUN uname -m > /arch\n"
                        "CMD [\"cat\", \"/arch\"]\n"),
-        ".imagebot.yml": f"build_args: {{TOKEN: {build_arg}}}\nsecret_build_args: [TOKEN]\n",
+        ".imagebot.yml": "secrets: [TOKEN]\n",
     }
+    secrets_file = tmp_path / "build-secrets.yml"
+    secrets_file.write_text(f"acme/app: {{TOKEN: {build_arg}}}\n")
     repo = make_repo(tmp_path / "srv", "acme/app", files)
     issued = lambda token: token in github.installation_tokens  # noqa: E731 - the App's own tokens only
     port = free_port()
@@ -101,7 +106,8 @@ def test_a_real_two_platform_build_is_reported_and_no_secret_leaks(tmp_path, git
                       IMAGEBOT_PLATFORMS="linux/amd64,linux/arm64",
                       IMAGEBOT_REGISTRY=f"{services['IMAGEBOT_TEST_REGISTRY']}/rep{free_port()}",
                       IMAGEBOT_REGISTRY_USERNAME=services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
-                      IMAGEBOT_REGISTRY_PASSWORD=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"])
+                      IMAGEBOT_REGISTRY_PASSWORD=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
+                      IMAGEBOT_BUILD_SECRETS_FILE=str(secrets_file))
         bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot.log").start()
         try:
             bot.wait_healthy(url)
@@ -136,7 +142,7 @@ def test_a_real_two_platform_build_is_reported_and_no_secret_leaks(tmp_path, git
 
     secrets = {
         "webhook secret": GITHUB_SECRET,
-        "build arg": build_arg,
+        "build secret": build_arg,
         "registry password": services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
         "private key": private_pem(key).splitlines()[1],
         **{f"installation token {n}": t for n, t in enumerate(github.installation_tokens)},
