@@ -325,15 +325,13 @@ class KubernetesRuntime:
                 "app.kubernetes.io/managed-by": "imagebot"}
 
     def layer_cache_path(self, job: BuildJob) -> str | None:
-        """The node directory holding this build's layer cache: one per image repository and
-        platform (a name nobody can choose: a hash), and none for builds that do not push."""
+        """The node directory holding this build's layer cache: one per source repository and
+        platform (a name nobody can choose: a hash; never the image name, which a repository
+        picks, so one repository cannot poison another's cache), none for builds that do not push."""
         root = self.settings.k8s_layer_cache_dir
-        if root is None or not job.push or job.image is None:
+        if root is None or not job.push or job.source is None:
             return None
-        repository, _, tag = job.image.rpartition(":")  # host[:port]/path, without the platform tag
-        if not repository or "/" in tag:
-            repository = job.image
-        key = hashlib.sha256(f"{repository}\n{job.platform}".encode()).hexdigest()[:32]
+        key = hashlib.sha256(f"{job.source.clone_url}\n{job.platform}".encode()).hexdigest()[:32]
         return f"{root}/{key}-{slug(job.platform)}"
 
     def job_manifest(self, name: str, job: BuildJob) -> dict[str, Any]:
