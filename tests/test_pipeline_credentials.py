@@ -52,7 +52,6 @@ async def test_a_refresh_after_another_callers_reuses_it_and_tells_the_truth(tmp
 import base64  # noqa: E402
 import json  # noqa: E402
 
-from bot.pipeline.manifest import realm_may_get_credentials  # noqa: E402
 
 
 async def test_the_registry_credentials_go_to_the_registry_host_only():
@@ -90,4 +89,28 @@ async def test_another_host_gets_only_what_the_auth_file_names_for_it(tmp_path):
     ("not a url", "registry.example", False),
 ])
 def test_credentials_reach_a_bearer_realm_only_over_https_or_on_the_registrys_own_host(realm, host, allowed):
+    from bot.pipeline.manifest import realm_may_get_credentials
+
     assert realm_may_get_credentials(realm, host) is allowed
+
+
+async def test_credentials_never_reach_a_plain_http_realm_on_another_host():
+    """A registry (here: a recorder on 127.0.0.1) names a token realm over plain http on another
+    host (a recorder on 127.0.0.2): the realm must not be sent the registry's password."""
+    from bot.pipeline.manifest import RegistryClient
+    from bot.pipeline.push import RegistryError
+    from tests.standins.recorder import Recorder
+
+    with Recorder(host="127.0.0.2", status=200, body=b'{"token": "t"}') as realm:
+        challenge = f'Bearer realm="{realm.url}/token",service="registry"'
+        with Recorder(host="127.0.0.1", headers={"WWW-Authenticate": challenge}) as registry:
+            settings = make_settings(registry=f"{registry.host}/team", registry_username="bot",
+                                     registry_password="the-password")
+            client = RegistryClient(registry.host, RegistryCredentials(registry.host, settings))
+            try:
+                with pytest.raises(RegistryError) as info:
+                    await client.describe("team/app", "latest", "linux/amd64")
+            finally:
+                await client.aclose()
+    assert realm.requests == [] and registry.authorizations == []
+    assert info.value.kind == "denied" and realm.url in info.value.detail
