@@ -147,6 +147,58 @@ def test_a_rebuild_of_an_old_commit_moves_only_immutable_tags(services, database
     assert held and held[0]["tags"] == ["main", "latest"] and "no longer the head" in held[0]["reason"]
 
 
+def test_a_release_below_a_published_one_moves_neither_latest_nor_its_major(services, database, tmp_path):
+    server, repo = forge(tmp_path, services)
+    newer = repo.tag("v1.3.0", message="1.3.0")  # annotated: the head check peels it
+    older = repo.tag("v1.2.5", repo.commit({"fix.txt": "a backport\n"}, branch="release-1.2", parent=newer))
+    with server:
+        settings = settings_for(services, database)
+        for ref, sha in (("refs/tags/v1.3.0", newer), ("refs/tags/v1.2.5", older)):
+            build = new_build(database, server, repo, ref=ref, sha=sha, kind=BuildKind.tag)
+            assert run(settings, database, build).status is BuildStatus.succeeded
+    digest = {tag: list_digest(services, settings, tag) for tag in ("1.3.0", "1.2.5", "latest", "1", "1.2", "1.3")}
+    assert digest["latest"] == digest["1"] == digest["1.3"] == digest["1.3.0"] != digest["1.2.5"]
+    assert digest["1.2"] == digest["1.2.5"]  # no 1.2.x above 1.2.5: that alias moves
+    held = withheld(database, build)
+    assert held[0]["tags"] == ["1", "latest"] and "above 1.2.5" in held[0]["reason"]
+
+
+class FailLsRemote(Telemetry):
+    """Real telemetry that breaks the git server (every request answers 500) once the push is
+    done, so the head check before publishing cannot be answered."""
+
+    def __init__(self, db, server: GitHTTPServer) -> None:
+        super().__init__(db)
+        self.server = server
+
+    async def emit(self, build_id, name, platform=None, **data):
+        if name == "push_succeeded":
+            self.server.inject_error(500, count=None)
+        return await super().emit(build_id, name, platform, **data)
+
+
+def test_a_head_check_that_fails_publishes_only_immutable_tags_and_the_build_succeeds(
+        services, database, tmp_path):
+    server, repo = forge(tmp_path, services)
+    with server:
+        settings = settings_for(services, database)
+        build = new_build(database, server, repo)
+
+        async def go():
+            pipeline = Pipeline(settings, FailLsRemote(database, server))
+            try:
+                return await pipeline(build)
+            finally:
+                await pipeline.aclose()
+
+        outcome = asyncio.run(go())
+    assert outcome.status is BuildStatus.succeeded, outcome
+    tags = registry_tags(services, settings)
+    assert "main" not in tags and "latest" not in tags and f"sha-{build.sha[:7]}" in tags, tags
+    held = withheld(database, build)
+    assert held[0]["tags"] == ["main", "latest"] and "could not check" in held[0]["reason"]
+
+
 class SupersedeOnManifestStart(Telemetry):
     """Real telemetry that, as the manifest list is about to be published, records a newer
     build of the same ref through a *second* database connection (as another process would),
