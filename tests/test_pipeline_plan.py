@@ -150,3 +150,10 @@ def test_a_pull_request_publishes_only_pr_n_whatever_its_config_says():
     plan = make_plan(build(kind=BuildKind.pull_request, ref="refs/pull/7/head", pr_number=7),
                      parse_config("tags: [latest, '1.2.3', 'x-{short_sha}']\n"), settings())
     assert plan.push and plan.user_tags == ["pr-7"] and plan.tag_plan.moving == {"pr-7"}
+
+
+def test_a_repository_name_docker_refuses_can_still_name_an_allowed_image():
+    policy = {"acme/*": ["ghcr.io/acme-org/dotgithub"]}
+    plan = make_plan(build(repo="acme/.github"), parse_config("image: dotgithub\n"), settings(image_policy=policy))
+    assert plan.image == "ghcr.io/acme-org/dotgithub"
+    assert "'.github'" in refused("", build={"repo": "acme/.github"})

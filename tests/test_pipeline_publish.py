@@ -252,3 +252,43 @@ def settings_lease(settings):
     from datetime import timedelta
 
     return timedelta(seconds=settings.lease_seconds)
+
+
+def test_still_current_needs_the_claimed_lease_unexpired_and_the_build_not_superseded(db):
+    """The check before each manifest PUT, on SQLite and PostgreSQL, from a second connection."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from bot.models import builds
+    from bot.pipeline.run import still_current
+    from tests.test_queue import enqueue, request
+
+    other = Database(db.url)
+    try:
+        first, = enqueue(db, request(sha="b" * 40), at=utcnow())
+        unclaimed = db.read_sync(lambda c: queue_build(c, first))
+        assert other.read_sync(lambda c: still_current(c, unclaimed))  # run outside the worker
+        claimed = db.write_sync(lambda c: queue.claim(c, "w1", timedelta(seconds=30), utcnow(), first))
+        assert other.read_sync(lambda c: still_current(c, claimed))
+        stolen = claimed.model_copy(update={"lease_owner": "w2"})
+        assert not other.read_sync(lambda c: still_current(c, stolen))
+        db.write_sync(lambda c: c.execute(update(builds).where(builds.c.id == first)
+                                          .values(lease_expires_at=utcnow() - timedelta(seconds=1))))
+        assert not other.read_sync(lambda c: still_current(c, claimed))  # expired: recoverable any moment
+        db.write_sync(lambda c: c.execute(update(builds).where(builds.c.id == first)
+                                          .values(lease_expires_at=utcnow() + timedelta(seconds=30))))
+        assert other.read_sync(lambda c: still_current(c, claimed))
+        enqueue(other, request(sha="c" * 40), at=utcnow())  # a newer push of the same ref
+        assert not db.read_sync(lambda c: still_current(c, claimed))
+        assert not db.read_sync(lambda c: still_current(c, unclaimed))
+    finally:
+        other.close()
+
+
+def queue_build(conn, build_id):
+    from sqlalchemy import select
+
+    from bot.models import Build, builds
+
+    return Build.model_validate(conn.execute(select(builds).where(builds.c.id == build_id)).one()._asdict())

@@ -263,7 +263,10 @@ def image_rules(registry: str | None, namespace: str, provider: str, repo: str,
     """The :class:`ImageRules` of ``provider``'s ``repo`` (pure: settings come as values)."""
     registry = (registry or "").strip().rstrip("/").lower() or None
     base = "/".join(filter(None, (registry, namespace))) or None
-    default = image_name(base, repo) if base else None
+    try:
+        default = image_name(base, repo) if base else None
+    except TagError:
+        default = None  # a repository name docker refuses: only an allowed `image:` can help
     fixed_depth = provider == "github" and repo.strip("/").count("/") == 1
     grants = tuple(dict.fromkeys(
         prefix for glob, prefixes in policy.items() if repo_glob_matches(glob, provider, repo)
@@ -277,6 +280,8 @@ def resolve_image(rules: ImageRules, repo: str, override: str | None) -> str | N
     """The image a build pushes to, checked against ``rules``; None when there is nowhere
     to push. Raises :class:`TagError` (kind ``config``) naming what is allowed."""
     if override is None:
+        if rules.base and rules.default is None:
+            image_name(rules.base, repo)  # raises, saying why the repository's name will not do
         if rules.default and rules.permits(rules.default):
             return rules.default
         if rules.default:
