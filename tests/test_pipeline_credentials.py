@@ -3,6 +3,9 @@ password file: what a refresh tells its caller, alone and when another platform 
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from bot.pipeline.credentials import RegistryCredentials
@@ -48,10 +51,6 @@ async def test_a_refresh_after_another_callers_reuses_it_and_tells_the_truth(tmp
 
 
 # -- credentials belong to a host -------------------------------------------------------------
-
-import base64  # noqa: E402
-import json  # noqa: E402
-
 
 
 async def test_the_registry_credentials_go_to_the_registry_host_only():

@@ -6,12 +6,15 @@ import pytest
 
 from bot.models import BuildKind
 from bot.pipeline.tags import (
+    RESERVED_TAG,
     TagError,
     buildkit_args,
     check_image_override,
     image_name,
+    newer_version_published,
     normalize_platform,
     parse_semver,
+    plan_tags,
     platform_parts,
     platform_tag,
     sanitize_tag,
@@ -378,9 +381,6 @@ def test_bad_platforms(bad):
 
 
 # -- moving tags: who may write them ----------------------------------------------------------
-
-from bot.pipeline.tags import RESERVED_TAG, newer_version_published, parse_semver, plan_tags  # noqa: E402
-
 
 @pytest.mark.parametrize("branch", ["latest", "1.2.3", "v1", "1.2", "2", "1.2.3-rc.1", "sha-abcdef1",
                                     "sha-0123abc-linux-amd64", "pr-7", "src-anything"])
