@@ -91,6 +91,18 @@ def test_an_image_on_another_host_fails_config_and_that_host_sees_no_credentials
     assert not [e for e in events(database, build) if e["name"].startswith("build_platform")]
 
 
+def test_a_host_the_policy_allows_gets_no_credentials_unless_the_operator_gave_it_some(
+        services, database, tmp_path):
+    with Recorder(headers={"WWW-Authenticate": 'Basic realm="other"'}) as other:
+        server, repo = forge(tmp_path, services, f"image: {other.host}/acme/app\n",
+                             "FROM scratch\nCOPY hello.txt /hello.txt\n")
+        with server:
+            settings = settings_for(services, database, image_policy={"acme/app": [f"{other.host}/acme"]})
+            outcome = run(settings, database, new_build(database, server, repo))
+        assert other.requests and other.authorizations == []  # it was pushed to, without a key
+    assert outcome.status is BuildStatus.failed and outcome.error_kind == "auth", outcome
+
+
 def test_another_teams_image_is_refused(services, database, tmp_path):
     server, repo = forge(tmp_path, services, "image: otherteam/app\n")
     with server:

@@ -371,8 +371,8 @@ class Pipeline:
                        generation: int, require_change: bool = False) -> bool:
         """Read the credentials again; whether the failed call is worth another attempt
         (with ``require_change``: only if the source answered different credentials)."""
-        if credentials is None:
-            return False
+        if credentials is None or not credentials.configured:
+            return False  # this host gets no credentials: nothing to read again
         try:
             _, changed = await credentials.refresh(generation)
         except CredentialsError as exc:
