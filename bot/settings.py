@@ -31,6 +31,15 @@ _REGISTRY = re.compile(
     r"(?P<namespace>(/[a-z0-9]+([._-][a-z0-9]+)*)*)$"
 )
 
+#: A repository glob of IMAGEBOT_IMAGE_POLICY: path segments of letters, digits, ``._-`` and
+#: ``*`` (``**`` alone for any number of segments).
+_REPO_GLOB = re.compile(r"^(\*\*|[A-Za-z0-9._*-]+)(/(\*\*|[A-Za-z0-9._*-]+))*$")
+_IMAGE_PREFIX = re.compile(
+    r"^([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(:[0-9]{1,5})?"
+    r"(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+/?$"
+)
+_NAMESPACE = re.compile(r"^/?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*/?$")
+
 
 class SettingsError(Exception):
     """Settings that cannot start the bot; ``problems`` lists every one of them."""
@@ -98,6 +107,16 @@ class Settings(BaseSettings):
     registry_password_file: Path | None = None
     #: Manifest list format: a Docker manifest list or an OCI image index.
     manifest_format: Literal["docker", "oci"] = "docker"
+    #: Credentials for registries other than IMAGEBOT_REGISTRY's host: a Docker config.json
+    #: (``auths`` and ``credHelpers`` per host); a host it does not name gets no credentials.
+    registry_auth_file: Path | None = None
+    #: Where images may go beyond each repository's default (JSON): repository glob (``*`` one
+    #: path segment, ``**`` any number; optionally ``github:``/``gitlab:`` first) -> image
+    #: prefixes (``host[:port]/path``), each allowing itself and names below it.
+    image_policy: dict[str, list[str]] = {}
+    #: The path under IMAGEBOT_REGISTRY of each forge's images (JSON, e.g.
+    #: ``{"github": "gh", "gitlab": "gl"}``); see :func:`forge_namespace`.
+    image_namespaces: dict[Literal["github", "gitlab"], str] = {}
 
     # Pushing and publishing: retries with exponential backoff and jitter.
     push_retries: int = Field(default=3, ge=0, le=20)
@@ -202,6 +221,30 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not host[:port][/namespace]")
         return value
 
+    @field_validator("image_policy")
+    @classmethod
+    def _check_image_policy(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        problems = []
+        for glob, prefixes in value.items():
+            pattern = glob.split(":", 1)[1] if glob.startswith(("github:", "gitlab:")) else glob
+            if not _REPO_GLOB.match(pattern):
+                problems.append(f"{glob!r} is not a repository glob such as acme/* or group/**")
+            problems += [
+                f"{glob!r}: {prefix!r} is not an image prefix host[:port]/path"
+                for prefix in prefixes if not _IMAGE_PREFIX.match(prefix) or not _has_host(prefix)
+            ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {glob: [p.lower().rstrip("/") for p in prefixes] for glob, prefixes in value.items()}
+
+    @field_validator("image_namespaces")
+    @classmethod
+    def _check_image_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [f"{forge}: {ns!r}" for forge, ns in value.items() if ns and not _NAMESPACE.match(ns)]
+        if bad:
+            raise ValueError(f"not a path of lower-case components: {', '.join(bad)}")
+        return {forge: ns.strip("/") for forge, ns in value.items()}
+
     @field_validator("k8s_layer_cache_dir")
     @classmethod
     def _check_layer_cache_dir(cls, value: str | None) -> str | None:
@@ -272,6 +315,7 @@ class Settings(BaseSettings):
             problems.append(f"use only one of {', '.join(sources)}")
         if self.registry_password_file and not self.registry_username:
             problems.append("IMAGEBOT_REGISTRY_PASSWORD_FILE needs IMAGEBOT_REGISTRY_USERNAME")
+        problems += self._namespace_problems()
         if self.registry_credential_helper and not re.match(r"^[A-Za-z0-9_.-]+$", self.registry_credential_helper):
             problems.append("IMAGEBOT_REGISTRY_CREDENTIAL_HELPER is a helper name, e.g. ecr-login")
         if problems:
@@ -290,12 +334,47 @@ class Settings(BaseSettings):
                 raise ValueError(exc.message) from None
         return self
 
+    def _namespace_problems(self) -> list[str]:
+        """Two forges serving images from one namespace could publish over each other
+        (GitHub ``acme/app`` and GitLab ``acme/app``): with both configured, refuse that."""
+        if not (self.github_webhook_secret and self.gitlab_webhook_token):
+            return []
+        github, gitlab = forge_namespace(self, "github"), forge_namespace(self, "gitlab")
+        if github == gitlab:
+            return [
+                f"IMAGEBOT_IMAGE_NAMESPACES: GitHub and GitLab would both put images under "
+                f"{self.registry or 'the registry'}/{github}; give each forge its own namespace, "
+                'e.g. {"github": "gh", "gitlab": "gl"}'
+            ]
+        return []
+
     @property
     def database_url_for_display(self) -> str:
         """The database URL with any password masked, for logs and start-up banners."""
         return make_url(self.database_url.get_secret_value()).render_as_string(
             hide_password=True
         )
+
+
+def _has_host(image: str) -> bool:
+    """Whether docker reads the first component of ``image`` as a registry host."""
+    first = image.split("/", 1)[0]
+    return "." in first or ":" in first or first == "localhost"
+
+
+def forge_namespace(settings: Settings, forge: str) -> str:
+    """The path under IMAGEBOT_REGISTRY where ``forge``'s images go ("" for directly below).
+
+    The operator's IMAGEBOT_IMAGE_NAMESPACES wins; otherwise GitHub's is "" and GitLab's is
+    "" too unless GitHub is configured as well, when it is ``gitlab``: a GitLab ``acme/app``
+    must not land on GitHub's ``acme/app``. (bot.pipeline.tags keeps a GitHub repository out
+    of a namespace nested in its own, e.g. an owner called ``gitlab``.)
+    """
+    if forge in settings.image_namespaces:
+        return settings.image_namespaces[forge]  # type: ignore[index]
+    if forge == "gitlab" and settings.github_webhook_secret and settings.gitlab_webhook_token:
+        return "gitlab"
+    return ""
 
 
 def _describe(error: dict) -> list[str]:

@@ -149,6 +149,11 @@ class AuthRefreshFailed(_Failure):
     source: str
 
 
+class TagsWithheld(_Event):
+    tags: list[str]  # may be empty: a reserved branch name gives no tag to list
+    reason: str
+
+
 class ManifestStarted(_Event):
     tags: list[str]
     platforms: list[str]
@@ -196,6 +201,7 @@ SCHEMAS: dict[str, type[_Event]] = {
     "push_failed": PushFailed,
     "auth_refresh_succeeded": AuthRefreshSucceeded,
     "auth_refresh_failed": AuthRefreshFailed,
+    "tags_withheld": TagsWithheld,
     "manifest_started": ManifestStarted,
     "manifest_retry": ManifestRetry,
     "manifest_published": ManifestPublished,
@@ -212,7 +218,7 @@ PLATFORM_EVENTS = frozenset({
 BUILD_WIDE_EVENTS = frozenset({
     "build_started", "build_succeeded", "build_failed", "build_cancelled",
     "fetch_succeeded", "fetch_failed",
-    "manifest_started", "manifest_retry", "manifest_published", "manifest_failed",
+    "tags_withheld", "manifest_started", "manifest_retry", "manifest_published", "manifest_failed",
 })
 
 

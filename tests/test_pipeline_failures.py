@@ -40,7 +40,7 @@ def seed_base(services: dict[str, str], host: str, user: str, password: str) -> 
             assert "error" not in item, item
 
     async def publish():
-        settings = make_settings(registry_username=user, registry_password=password)
+        settings = make_settings(registry=host, registry_username=user, registry_password=password)
         registry = RegistryClient(host, RegistryCredentials(host, settings))
         try:
             described = [await registry.describe("base/busybox", arch, f"linux/{arch}") for arch in ("amd64", "arm64")]

@@ -6,12 +6,15 @@ import pytest
 
 from bot.models import BuildKind
 from bot.pipeline.tags import (
+    RESERVED_TAG,
     TagError,
     buildkit_args,
     check_image_override,
     image_name,
+    newer_version_published,
     normalize_platform,
     parse_semver,
+    plan_tags,
     platform_parts,
     platform_tag,
     sanitize_tag,
@@ -59,12 +62,12 @@ DEFAULT_CASES = [
     ("non-semver tag with slash", "tag", "refs/tags/release/v1.2.3", None, "main",
      ["release-v1.2.3", S]),
     # pull requests
-    ("GitHub PR head", "pull_request", "refs/pull/7/head", 7, "main", ["pr-7", S]),
-    ("GitHub PR merge", "pull_request", "refs/pull/7/merge", 7, "main", ["pr-7", S]),
-    ("GitHub PR number from ref", "pull_request", "refs/pull/12/head", None, "main", ["pr-12", S]),
-    ("GitLab MR", "pull_request", "refs/merge-requests/9/head", 9, "main", ["pr-9", S]),
+    ("GitHub PR head", "pull_request", "refs/pull/7/head", 7, "main", ["pr-7"]),
+    ("GitHub PR merge", "pull_request", "refs/pull/7/merge", 7, "main", ["pr-7"]),
+    ("GitHub PR number from ref", "pull_request", "refs/pull/12/head", None, "main", ["pr-12"]),
+    ("GitLab MR", "pull_request", "refs/merge-requests/9/head", 9, "main", ["pr-9"]),
     ("GitLab MR number from ref", "pull_request", "refs/merge-requests/31/head", None, None,
-     ["pr-31", S]),
+     ["pr-31"]),
 ]
 
 
@@ -110,7 +113,7 @@ def test_inconsistent_arguments_from_the_bot_are_value_errors(kind, ref, sha, pr
 
 
 def test_pr_number_alone_is_enough_for_an_unusual_ref():
-    assert user_tags("pull_request", "refs/heads/feature", SHA, 5, "main") == ["pr-5", S]
+    assert user_tags("pull_request", "refs/heads/feature", SHA, 5, "main") == ["pr-5"]
 
 
 # -- user_tags: templates ---------------------------------------------------------------------
@@ -119,7 +122,7 @@ TEMPLATE_CASES = [
     ("branch + short sha", "branch", "refs/heads/feature/x", ["{branch}-{short_sha}"],
      ["feature-x", S, "feature-x-0123abc"]),
     ("full sha", "branch", "refs/heads/main", ["{sha}"], ["main", S, "latest", SHA]),
-    ("kind", "pull_request", "refs/pull/3/head", ["build-{kind}"], ["pr-3", S, "build-pull_request"]),
+    ("kind", "pull_request", "refs/pull/3/head", ["build-{kind}"], ["pr-3"]),
     ("static", "branch", "refs/heads/main", ["stable"], ["main", S, "latest", "stable"]),
     ("duplicates of defaults dropped", "branch", "refs/heads/main", ["sha-{short_sha}", "latest"],
      ["main", S, "latest"]),
@@ -141,7 +144,7 @@ TEMPLATE_CASES = [
     ("literal braces", "branch", "refs/heads/dev", ["{{x}}"], ["dev", S, "x-"]),
     ("template that leaves nothing is dropped", "branch", "refs/heads/日本", ["{branch}"], [S]),
     ("pr template", "pull_request", "refs/merge-requests/4/head", ["mr-{pr}-{short_sha}"],
-     ["pr-4", S, "mr-4-0123abc"]),
+     ["pr-4"]),
 ]
 
 
@@ -375,3 +378,41 @@ def test_platforms_are_normalised_like_buildx(given, normal):
 def test_bad_platforms(bad):
     with pytest.raises(TagError, match="not os/arch"):
         platform_parts(bad)
+
+
+# -- moving tags: who may write them ----------------------------------------------------------
+
+@pytest.mark.parametrize("branch", ["latest", "1.2.3", "v1", "1.2", "2", "1.2.3-rc.1", "sha-abcdef1",
+                                    "sha-0123abc-linux-amd64", "pr-7", "src-anything"])
+def test_a_branch_with_a_reserved_tag_safe_name_publishes_no_branch_tag_and_says_why(branch):
+    plan = plan_tags("branch", f"refs/heads/{branch}", SHA, None, "main", ["{branch}-x", "{branch}"])
+    assert branch not in plan.tags and plan.tags[0] == S
+    assert any("reserved" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("branch", ["latest-fix", "v1x", "sha-xyz", "pr-x", "release/1.2"])
+def test_names_near_the_reserved_ones_still_get_their_tag(branch):
+    assert not RESERVED_TAG.fullmatch(sanitize_tag(branch))
+    assert plan_tags("branch", f"refs/heads/{branch}", SHA, None, "main").tags[0] == sanitize_tag(branch)
+
+
+def test_which_tags_move():
+    branch = plan_tags("branch", "refs/heads/main", SHA, None, "main", ["b-{short_sha}", "{branch}-slim", "edge"])
+    assert branch.moving == {"main", "latest", "main-slim", "edge"}
+    assert branch.immutable == [S, "b-0123abc"]
+    release = plan_tags("tag", "refs/tags/v1.2.3", SHA, None, "main", ["{version}-slim", "{major}-slim"])
+    assert release.immutable == ["1.2.3", S, "1.2.3-slim"]
+    assert release.aliases == release.moving == {"1.2", "1", "latest", "1-slim"}
+    assert plan_tags("tag", "refs/tags/nightly", SHA).moving == frozenset()
+
+
+@pytest.mark.parametrize(("version", "published", "held"), [
+    ("1.2.3", [], set()),
+    ("1.2.3", ["1.2.3", "1.2.2", "0.9.0", "latest", "1.2"], set()),
+    ("1.2.3", ["1.2.4"], {"latest", "1", "1.2"}),
+    ("1.2.3", ["1.3.0"], {"latest", "1"}),
+    ("1.2.3", ["2.0.0"], {"latest"}),
+    ("1.2.3", ["2.0.0-rc.1", "v9.9.9", "sha-1234567", "9"], set()),  # not versions the bot wrote
+])
+def test_a_higher_published_version_keeps_latest_and_aliases(version, published, held):
+    assert newer_version_published(parse_semver(version), published) == held

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bot import telemetry
-from bot.runtimes import BuildJob
+from bot.runtimes import BuildJob, Source
 from bot.runtimes.kubernetes import REGISTRY_SECRET, KubernetesRuntime
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
@@ -529,7 +529,8 @@ def test_a_rebuild_reuses_cached_layers_and_a_fork_neither_reads_nor_writes_them
     assert not any("Using cache" in line for line in cold_log), cold_log
     assert [p.name for p in cache.iterdir()] == [Path(KubernetesRuntime(settings).layer_cache_path(
         BuildJob(Path("."), Path("Dockerfile"), "linux/amd64", None, {}, {}, push=True,
-                 image=f"{settings.registry}/acme/app:x"))).name]
+                 image=f"{settings.registry}/acme/app:x",  # the key: the repository, not the image
+                 source=Source(Path("."), "http://127.0.0.1:1/acme/app.git", "", "", None, "")))).name]
 
     # the same repository again, with only the last layer's input changed: every step before
     # it is a cache hit, and the RUN that writes a timestamp gives the very same layer

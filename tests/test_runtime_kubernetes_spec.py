@@ -137,11 +137,13 @@ def test_the_layer_cache_is_per_repository_and_platform_and_only_for_trusted_bui
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert (env["IMAGEBOT_STORAGE"], env["IMAGEBOT_LAYERS"]) == ("/cache", "true")
         assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
-    # another platform, another repository: another directory; another tag: the same one
+    # another platform, another repository: another directory; another tag or image name of the
+    # same repository: the same one (the key is the repository, never an image name it chose)
     other_platform = BuildJob(**{**job().__dict__, "platform": "linux/amd64",
                                  "image": "registry.example/acme/app:sha-aaaaaaa-linux-amd64"})
-    other_repo = BuildJob(**{**job().__dict__, "image": "registry.example/acme/app2:sha-aaaaaaa-linux-arm64"})
-    other_tag = BuildJob(**{**job().__dict__, "image": "registry.example/acme/app:sha-bbbbbbb-linux-arm64"})
+    other_repo = BuildJob(**{**job().__dict__, "source": Source(
+        Path("/tmp/checkout"), "https://github.com/acme/app2.git", "a" * 40, "refs/heads/main", None, "x")})
+    other_tag = BuildJob(**{**job().__dict__, "image": "registry.example/otherteam/app:sha-bbbbbbb-linux-arm64"})
     paths = {rt.layer_cache_path(j) for j in (job(), other_platform, other_repo)}
     assert len(paths) == 3 and rt.layer_cache_path(other_tag) == rt.layer_cache_path(job())
     # a fork's build (it never pushes) neither reads nor writes it

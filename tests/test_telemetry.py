@@ -41,6 +41,7 @@ EXAMPLES: dict[str, tuple[str | None, dict]] = {
                                                    "changed": True}),
     "auth_refresh_failed": (None, {"registry": "127.0.0.1:5001", "source": "settings", "kind": "auth",
                                    "message": "credentials unchanged"}),
+    "tags_withheld": (None, {"tags": ["main", "latest"], "reason": "aaaaaaa is no longer the head of refs/heads/main"}),
     "manifest_started": (None, {"tags": ["main", "sha-aaaaaaa"], "platforms": ["linux/amd64"],
                                 "media_type": "application/vnd.docker.distribution.manifest.list.v2+json"}),
     "manifest_retry": (None, {"attempt": 1, "delay_s": 0.2, "kind": "registry", "refreshed": False,

@@ -58,6 +58,24 @@ def is_loopback(host: str) -> bool:
     return name in ("localhost", "[::1]") or name.startswith("127.")
 
 
+def realm_may_get_credentials(realm: str, registry_host: str) -> bool:
+    """Whether the registry's bearer ``realm`` may be sent the registry's credentials.
+
+    Over https, yes (Docker Hub's token server is another host: auth.docker.io); over plain
+    http only when the realm is the registry's own host (a loopback registry with its token
+    server beside it), since anyone on the path, or any host a registry names, would
+    otherwise read the password.
+    """
+    try:
+        url = httpx.URL(realm)
+    except (httpx.InvalidURL, TypeError):
+        return False
+    if url.scheme == "https" and url.host:
+        return True
+    own = httpx.URL(f"http://{registry_host}").host
+    return url.scheme == "http" and bool(url.host) and url.host == own
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
     return float(value) if value.replace(".", "", 1).isdigit() else None
@@ -124,6 +142,10 @@ class RegistryClient:
         realm = params.pop("realm", None)
         if not realm:
             raise RegistryError("auth", "bearer challenge without a realm", status=401)
+        if not realm_may_get_credentials(realm, self.host):
+            raise RegistryError(
+                "denied", f"the registry {self.host} sends credentials to token realm {realm[:200]!r}, "
+                "which is neither https nor on its own host: refused", status=401)
         params.pop("error", None)
         params["scope"] = scope
         token_response = await self.http.get(realm, params=params, auth=basic)
@@ -164,3 +186,34 @@ class RegistryClient:
         if digest != expected or actual != expected:
             raise RegistryError("registry", f"{repository}:{tag} reads back as {actual}, not {expected}")
         return expected
+
+    async def tags(self, repository: str, limit: int = 10_000) -> list[str]:
+        """The repository's tags (``/v2/<name>/tags/list``, following ``Link`` pages); at most
+        ``limit`` of them, beyond which this raises (a partial list could hide a newer
+        version). A repository that does not exist yet has none."""
+        scope = f"repository:{repository}:pull"
+        path: str | None = f"/v2/{repository}/tags/list?n=1000"
+        found: list[str] = []
+        while path is not None:
+            try:
+                response = await self.request("GET", path, scope)
+            except RegistryError as exc:
+                if exc.status == 404 and not found:
+                    return []
+                raise
+            found += [tag for tag in (response.json().get("tags") or []) if isinstance(tag, str)]
+            if len(found) > limit:
+                raise RegistryError("registry", f"{repository} has over {limit} tags; not all listed")
+            path = _next_page(response.headers.get("link", ""), self.host)
+        return found
+
+
+def _next_page(link: str, host: str) -> str | None:
+    """The path of the next page in a ``Link: </v2/...>; rel="next"`` header, on this host."""
+    match = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link)
+    if not match:
+        return None
+    url = httpx.URL(match[1])
+    if url.is_absolute_url and url.netloc.decode() != host:
+        return None
+    return url.raw_path.decode()

@@ -16,20 +16,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import SecretStr
+from sqlalchemy import Connection, select
 
 from bot.masking import Masker
-from bot.models import Build, BuildKind, BuildStatus, utcnow
+from bot.models import Build, BuildKind, BuildStatus, builds, utcnow
 from bot.pipeline import secrets as build_secrets
 from bot.pipeline import tags
 from bot.pipeline.config import ConfigError, RepoConfig, load_config, resolve_paths
 from bot.pipeline.credentials import Credentials, CredentialsError, RegistryCredentials
 from bot.pipeline.fetch import TOKEN_USERS, Checkout, FetchError, fetch
+from bot.pipeline.heads import HeadUnknown, ref_head
 from bot.pipeline.manifest import Descriptor, RegistryClient, manifest_list
 from bot.pipeline.push import Exhausted, RegistryError, Retry, RetryPolicy, pull_failure_kind, with_retries
 from bot.reporters.errors import ReportError
 from bot.reporters.github import GitHubClient
 from bot.runtimes import BuildError, BuildJob, Runtime, Source, runtime_for
-from bot.settings import Settings
+from bot.settings import Settings, forge_namespace
 from bot.telemetry import Telemetry
 from bot.worker import BuildOutcome
 
@@ -59,6 +61,8 @@ class Plan:
     trusted: bool = True
     #: The operator's build secrets this build asked for (none for untrusted builds).
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Which of ``user_tags`` move, and why any were left out (bot.pipeline.tags.plan_tags).
+    tag_plan: tags.TagPlan | None = None
 
 
 @dataclass
@@ -75,9 +79,23 @@ def source_url(clone_url: str) -> str:
     return clone_url.removesuffix(".git")
 
 
+def image_rules(build: Build, settings: Settings) -> tags.ImageRules:
+    """Where ``build``'s images may go, from the operator's settings (pure)."""
+    forges = [forge for forge, on in (("github", settings.github_webhook_secret),
+                                      ("gitlab", settings.gitlab_webhook_token)) if on]
+    registry = (settings.registry or "").lower()
+    foreign = tuple(
+        "/".join(filter(None, (registry, forge_namespace(settings, forge))))
+        for forge in forges if forge != build.provider and registry
+    )
+    return tags.image_rules(settings.registry, forge_namespace(settings, build.provider), build.provider,
+                            build.repo, settings.image_policy, foreign)
+
+
 def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: bool = False,
               given: Mapping[str, str] | None = None) -> Plan:
-    """Names, tags, platforms and permissions of ``build`` (pure; raises TagError, or
+    """Names, tags, platforms and permissions of ``build`` (pure; raises TagError, kind
+    ``config``, for an image outside what the operator allows, before any build work, or
     ConfigError for a secret ``given`` (the operator's for this repository) lacks)."""
     platforms = [tags.normalize_platform(p) for p in (config.platforms or build.platforms)]
     reasons = ["--no-push was given"] if no_push else []
@@ -85,10 +103,8 @@ def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: boo
         reasons.append("a pull request from a fork is built but never pushed")
     if not config.pushes(build.kind):
         reasons.append(f"push is off for {BuildKind(build.kind).value} builds in .imagebot.yml")
-    image = None
-    if settings.registry or config.image:
-        image = tags.image_name(settings.registry, build.repo, config.image)
-    elif not reasons:
+    image = tags.resolve_image(image_rules(build, settings), build.repo, config.image)
+    if image is None and not reasons:
         reasons.append("no registry is configured (IMAGEBOT_REGISTRY)")
     labels = {
         **config.labels,
@@ -96,10 +112,12 @@ def make_plan(build: Build, config: RepoConfig, settings: Settings, no_push: boo
         "org.opencontainers.image.revision": build.sha,
         "org.opencontainers.image.created": utcnow().isoformat().replace("+00:00", "Z"),
     }
+    tag_plan = tags.plan_tags(build.kind, build.ref, build.sha, build.pr_number,
+                              build.default_branch, config.tags)
     return Plan(
         image=image,
-        user_tags=tags.user_tags(build.kind, build.ref, build.sha, build.pr_number,
-                                 build.default_branch, config.tags),
+        user_tags=list(tag_plan.tags),
+        tag_plan=tag_plan,
         platforms=platforms,
         push=not reasons and image is not None,
         skip_reason="; ".join(reasons) or None,
@@ -436,8 +454,8 @@ class Pipeline:
                        generation: int, require_change: bool = False) -> bool:
         """Read the credentials again; whether the failed call is worth another attempt
         (with ``require_change``: only if the source answered different credentials)."""
-        if credentials is None:
-            return False
+        if credentials is None or not credentials.configured:
+            return False  # this host gets no credentials: nothing to read again
         try:
             _, changed = await credentials.refresh(generation)
         except CredentialsError as exc:
@@ -453,18 +471,36 @@ class Pipeline:
     async def _publish(self, build: Build, plan: Plan, pushed: list[Descriptor], partial: bool) -> BuildOutcome | None:
         assert plan.image is not None
         host, repository = tags.split_image(plan.image)
-        platforms = [d.platform for d in pushed]
-        fmt = self.settings.manifest_format
         credentials = RegistryCredentials(host, self.settings)
         client = RegistryClient(host, credentials if credentials.configured else None)
+        try:
+            publish = await self._publishable(build, plan, client, repository)
+            if not publish:
+                return None
+            return await self._put_lists(build, client, credentials, repository, pushed, publish, partial)
+        except NotCurrent as exc:
+            await self._withhold(build, exc.tags, str(exc))
+            return BuildOutcome(BuildStatus.cancelled, error_message=str(exc))
+        finally:
+            await client.aclose()
+
+    async def _put_lists(self, build: Build, client: RegistryClient, credentials: RegistryCredentials,
+                         repository: str, pushed: list[Descriptor], publish: list[str],
+                         partial: bool) -> BuildOutcome | None:
+        """PUT the manifest list under each tag of ``publish``, checking right before each PUT
+        that this build still holds its lease and was not superseded or cancelled meanwhile
+        (in this process or another): a superseded build must never move a tag."""
+        platforms = [d.platform for d in pushed]
+        fmt = self.settings.manifest_format
         body_type = manifest_list([], fmt)[1]
-        await self.emit(build, "manifest_started", tags=plan.user_tags, platforms=platforms, media_type=body_type)
+        await self.emit(build, "manifest_started", tags=publish, platforms=platforms, media_type=body_type)
 
         async def attempt() -> str:
             described = [await client.describe(repository, d.digest, d.platform) for d in pushed]
             body, media_type = manifest_list(described, fmt)
             digest = ""
-            for tag in plan.user_tags:
+            for n, tag in enumerate(publish):
+                await self._ensure_current(build, publish[n:])
                 digest = await client.put_list(repository, tag, body, media_type)
             return digest
 
@@ -479,11 +515,73 @@ class Pipeline:
             await self.emit(build, "manifest_failed", kind=exc.error.kind, message=exc.error.detail,
                             attempts=exc.attempts)
             return _failed("manifest", exc.error.kind, exc.error.detail)
-        finally:
-            await client.aclose()
-        await self.emit(build, "manifest_published", digest=result.value, tags=plan.user_tags,
+        await self.emit(build, "manifest_published", digest=result.value, tags=publish,
                         platforms=platforms, media_type=body_type, partial=partial)
         return None
+
+    async def _ensure_current(self, build: Build, remaining: list[str]) -> None:
+        """Raise :class:`NotCurrent` unless ``build`` may still publish (see :func:`still_current`)."""
+        if not await self.telemetry.db.read(lambda conn: still_current(conn, build)):
+            raise NotCurrent(remaining, "the build is no longer current (superseded, cancelled, or its "
+                                        "lease expired or moved on) and publishes no more tags")
+
+    async def _publishable(self, build: Build, plan: Plan, client: RegistryClient, repository: str) -> list[str]:
+        """The planned tags this build may publish now; says (log and telemetry) why others are not.
+
+        Moving tags need the commit to still be its ref's head (``git ls-remote``, just before
+        publishing; a failed check holds them too); a tag build's ``latest`` and version aliases
+        also need that no higher version is in the registry. Immutable tags always go.
+        """
+        plan_ = plan.tag_plan or tags.TagPlan(tuple(plan.user_tags))
+        for note in plan_.notes:
+            await self._withhold(build, [], note)
+        held: set[str] = set()
+        if plan_.moving:
+            reason = await self._head_moved(build)
+            if reason is not None:
+                held |= plan_.moving
+                await self._withhold(build, [t for t in plan_.tags if t in plan_.moving], reason)
+        if plan_.version is not None and plan_.aliases - held:
+            stale, reason = await self._newer_version(client, repository, plan_)
+            if stale - held:
+                await self._withhold(build, [t for t in plan_.tags if t in stale - held], reason)
+                held |= stale
+        return [tag for tag in plan_.tags if tag not in held]
+
+    async def _head_moved(self, build: Build) -> str | None:
+        """Why moving tags must stay where they are, or None when ``build.sha`` is its ref's head."""
+        short = build.sha[:7]
+        try:
+            token = await self._forge_token(build)
+            head = await ref_head(build.clone_url, build.ref, token=token,
+                                  username=TOKEN_USERS.get(build.provider, "x-access-token"),
+                                  timeout=self.settings.fetch_timeout_seconds)
+        except (HeadUnknown, FetchError) as exc:
+            return (f"could not check that {short} is still the head of {build.ref} ({exc}): "
+                    "only immutable tags are published")
+        if head == build.sha:
+            return None
+        now = f"it is {head[:7]}" if head else "the ref is gone"
+        return f"{short} is no longer the head of {build.ref} ({now}): only immutable tags are published"
+
+    async def _newer_version(self, client: RegistryClient, repository: str,
+                             plan_: tags.TagPlan) -> tuple[set[str], str]:
+        """(aliases not to move, why): a higher version the bot published keeps them where they are."""
+        assert plan_.version is not None
+        version = plan_.version.version
+        try:
+            published = await client.tags(repository)
+        except RegistryError as exc:
+            return set(plan_.aliases), (f"could not list the registry's tags to look for a version above "
+                                        f"{version} ({exc.detail}): latest and version aliases are not moved")
+        stale = tags.newer_version_published(plan_.version, published)
+        if stale:
+            stale |= {alias for alias in plan_.aliases if not tags.is_version_alias(alias)}
+        return stale & set(plan_.aliases), f"a version above {version} was published already: these stay where they are"
+
+    async def _withhold(self, build: Build, withheld: list[str], reason: str) -> None:
+        await self.log(build, None, [f"NOTE: not publishing {', '.join(withheld) or 'a branch tag'}: {reason}"])
+        await self.emit(build, "tags_withheld", tags=withheld, reason=reason)
 
     # -- telemetry ------------------------------------------------------------------------------
 
@@ -498,6 +596,28 @@ class Pipeline:
 
     def _mask(self, build: Build) -> Masker:
         return self._maskers.get(build.id) or self._masker()
+
+
+class NotCurrent(Exception):
+    """The build may no longer publish: superseded, cancelled, or its lease lost."""
+
+    def __init__(self, remaining: list[str], message: str) -> None:
+        super().__init__(message)
+        self.tags = remaining
+
+
+def still_current(conn: Connection, build: Build) -> bool:
+    """Whether ``build`` may still publish: it is running under the lease it was claimed with,
+    and that lease has not expired (another worker could recover it any moment). A build run
+    outside the queue's worker (no lease owner) only needs not to have ended."""
+    query = select(builds.c.status).where(builds.c.id == build.id)
+    if build.lease_owner is not None:
+        query = query.where(builds.c.lease_owner == build.lease_owner,
+                            builds.c.status == BuildStatus.running.value,
+                            builds.c.lease_expires_at > utcnow())
+    status = conn.execute(query).scalar()
+    return status is not None and not BuildStatus(status).final
+
 
 
 def _since(started: float) -> float:

@@ -45,6 +45,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from string import Formatter
+from typing import Any
 
 from bot.models import BuildKind
 
@@ -192,6 +193,112 @@ def image_name(registry: str | None, repo: str, override: str | None = None) -> 
     return name
 
 
+def _within(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` or below it, at a ``/`` boundary (``r/acme/app`` is not within
+    ``r/acme/ap``)."""
+    return name == prefix or name.startswith(prefix + "/")
+
+
+def repo_glob_matches(glob: str, provider: str, repo: str) -> bool:
+    """Whether an IMAGEBOT_IMAGE_POLICY key covers ``provider``'s ``repo``.
+
+    ``*`` matches within one path segment, ``**`` (a whole segment) any number of segments,
+    so ``group/*`` does not silently cover ``group/sub/project``; matching ignores case, as
+    the forges do. A ``github:`` or ``gitlab:`` prefix limits the key to that forge.
+    """
+    forge, sep, pattern = glob.partition(":")
+    if sep and forge in ("github", "gitlab"):
+        if forge != provider:
+            return False
+    else:
+        pattern = glob
+    if pattern == "**":
+        return True
+    regex = ""
+    for n, part in enumerate(pattern.lower().split("/")):
+        if part == "**":
+            regex += "(?:/[^/]+)*" if n else "(?:[^/]+/)*"
+            continue
+        regex += ("/" if n and not regex.endswith("/)*") else "") + re.escape(part).replace(r"\*", "[^/]*")
+    return re.fullmatch(regex, repo.lower().strip("/")) is not None
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """Where the images of one build may go: the operator's decision, never the repository's.
+
+    By default a repository gets ``{REGISTRY}/{namespace}/{repo}``, and on GitHub (whose
+    repositories are exactly ``owner/name``, so no other repository's default can lie below)
+    also names below it, ``…/{repo}/<sub>``. On GitLab a project ``g/app`` cannot have
+    ``g/app/api``: that is project ``g/app/api``'s own default, so sub-images there come only
+    from the operator's policy. ``grants`` (IMAGEBOT_IMAGE_POLICY) add prefixes; ``foreign``
+    are other forges' namespaces nested in this one's, where this forge may never publish.
+    """
+
+    base: str | None  # {REGISTRY}[/{namespace}], lower-case; None: no registry
+    default: str | None  # the repository's default image
+    below_default: bool  # names below the default are allowed too
+    grants: tuple[str, ...] = ()
+    foreign: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        """What is allowed, in words, for a refusal."""
+        shown = []
+        if self.default:
+            shown.append(f"{self.default} or a name below it ({self.default}/<name>)"
+                         if self.below_default else self.default)
+        shown += [f"{grant} or a name below it" for grant in self.grants]
+        return "; ".join(shown) or "nothing (no IMAGEBOT_REGISTRY and no IMAGEBOT_IMAGE_POLICY entry)"
+
+    def permits(self, name: str) -> bool:
+        if any(_within(name, ns) for ns in self.foreign):
+            return False
+        if self.default and (name == self.default or (self.below_default and _within(name, self.default))):
+            return True
+        return any(_within(name, grant) for grant in self.grants)
+
+
+def image_rules(registry: str | None, namespace: str, provider: str, repo: str,
+                policy: dict[str, list[str]], foreign: tuple[str, ...] = ()) -> ImageRules:
+    """The :class:`ImageRules` of ``provider``'s ``repo`` (pure: settings come as values)."""
+    registry = (registry or "").strip().rstrip("/").lower() or None
+    base = "/".join(filter(None, (registry, namespace))) or None
+    try:
+        default = image_name(base, repo) if base else None
+    except TagError:
+        default = None  # a repository name docker refuses: only an allowed `image:` can help
+    fixed_depth = provider == "github" and repo.strip("/").count("/") == 1
+    grants = tuple(dict.fromkeys(
+        prefix for glob, prefixes in policy.items() if repo_glob_matches(glob, provider, repo)
+        for prefix in prefixes
+    ))
+    nested = tuple(ns for ns in foreign if base is None or (ns != base and _within(ns, base)))
+    return ImageRules(base, default, fixed_depth, grants, nested)
+
+
+def resolve_image(rules: ImageRules, repo: str, override: str | None) -> str | None:
+    """The image a build pushes to, checked against ``rules``; None when there is nowhere
+    to push. Raises :class:`TagError` (kind ``config``) naming what is allowed."""
+    if override is None:
+        if rules.base and rules.default is None:
+            image_name(rules.base, repo)  # raises, saying why the repository's name will not do
+        if rules.default and rules.permits(rules.default):
+            return rules.default
+        if rules.default:
+            raise TagError(
+                f"the default image {rules.default} of {repo} lies in another forge's namespace; "
+                "the operator sets IMAGEBOT_IMAGE_NAMESPACES or IMAGEBOT_IMAGE_POLICY"
+            )
+        return None
+    name = image_name(rules.base, repo, override)
+    if not rules.permits(name):
+        raise TagError(
+            f"image {override!r} in .imagebot.yml gives {name}, which {repo} may not publish to: "
+            f"allowed is {rules.allowed()} (the operator can allow more with IMAGEBOT_IMAGE_POLICY)"
+        )
+    return name
+
+
 def split_image(name: str) -> tuple[str, str]:
     """``(registry host, repository)`` of an image name, as the registry API addresses it.
 
@@ -319,73 +426,169 @@ def render_template(template: str, values: dict[str, str]) -> str | None:
     return sanitize_tag("".join(out)) or None
 
 
-def user_tags(
+#: Tag-safe branch names that would overwrite a release, another commit's or pull request's
+#: image, or content-keyed reuse (``src-``, written only by trusted builds): such a branch
+#: publishes no branch tag.
+RESERVED_TAG = re.compile(
+    r"^(latest|v?\d+(\.\d+){0,2}([-+].*)?|sha-[0-9a-f]{7,64}(-.*)?|pr-\d+|src-.*)$", re.ASCII
+)
+#: Placeholders that pin a template's tag to one commit or one release: such a tag never moves.
+_PINNING = frozenset({"sha", "short_sha", "tag", "version"})
+
+
+@dataclass(frozen=True)
+class TagPlan:
+    """The tags a build may publish, and which of them move (see :func:`plan_tags`).
+
+    ``moving`` tags (a branch's, ``latest``, ``pr-<n>``, version aliases ``1`` and ``1.2``,
+    templates pinned to neither a commit nor a release) are published only while the commit is
+    still its ref's head; ``aliases`` (tag builds: ``latest``, ``X.Y``, ``X``) move only if no
+    higher version was published. The rest (``sha-…``, the exact version) never move.
+    ``notes`` say why tags were left out.
+    """
+
+    tags: tuple[str, ...]
+    moving: frozenset[str] = frozenset()
+    aliases: frozenset[str] = frozenset()
+    version: SemVer | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def immutable(self) -> list[str]:
+        return [tag for tag in self.tags if tag not in self.moving]
+
+
+def _branch_tags(ref: str, short: str, default_branch: str | None, values: dict[str, str]
+                 ) -> tuple[list[str], set[str], list[str]]:
+    """(tags, moving, notes) of a branch build."""
+    if not ref.startswith("refs/heads/"):
+        raise ValueError(f"a branch build needs a refs/heads/ ref, not {ref!r}")
+    branch = ref.removeprefix("refs/heads/")
+    values["branch"] = branch
+    name, notes, moving = sanitize_tag(branch), [], set()
+    tags = [f"sha-{short}"]
+    if name and RESERVED_TAG.fullmatch(name):
+        notes.append(f"branch {branch!r} publishes no branch tag: {name!r} is reserved for "
+                     "releases, commits, pull requests and latest")
+    elif name:
+        tags.insert(0, name)
+        moving.add(name)
+    if default_branch and branch == default_branch.removeprefix("refs/heads/"):
+        tags.append("latest")
+        moving.add("latest")
+    return tags, moving, notes
+
+
+def _tag_tags(ref: str, short: str, values: dict[str, str]) -> tuple[list[str], set[str], SemVer | None]:
+    """(tags, aliases, version) of a tag build; aliases also move."""
+    if not ref.startswith("refs/tags/"):
+        raise ValueError(f"a tag build needs a refs/tags/ ref, not {ref!r}")
+    name = ref.removeprefix("refs/tags/")
+    values["tag"] = name
+    version = parse_semver(name)
+    if version is None:
+        return [sanitize_tag(name), f"sha-{short}"], set(), None
+    values["version"] = version.version
+    if version.prerelease is not None:
+        return [version.version, f"sha-{short}"], set(), version
+    values.update(major=str(version.major), minor=str(version.minor), patch=str(version.patch))
+    aliases = [f"{version.major}.{version.minor}"] + ([str(version.major)] if version.major else [])
+    return [version.version, *aliases, f"sha-{short}", "latest"], {*aliases, "latest"}, version
+
+
+def plan_tags(
     kind: BuildKind | str,
     ref: str,
     sha: str,
     pr_number: int | None = None,
     default_branch: str | None = None,
     templates: tuple[str, ...] | list[str] = (),
-) -> list[str]:
+) -> TagPlan:
     """The tags a build publishes, in order, without duplicates (see the module docstring).
 
-    * branch: the sanitised branch name, ``sha-<7>``, and ``latest`` on the default branch;
+    * branch: the sanitised branch name (none when it is :data:`RESERVED_TAG`), ``sha-<7>``,
+      and ``latest`` on the default branch;
     * tag: a stable semver tag gives ``X.Y.Z``, ``X.Y``, ``X`` (not ``0``), ``sha-<7>``,
       ``latest``; a prerelease only ``X.Y.Z-pre`` and ``sha-<7>``; another tag its sanitised
       name and ``sha-<7>``;
     * pull_request (GitHub ``refs/pull/<n>/...`` or GitLab ``refs/merge-requests/<n>/...``):
-      ``pr-<n>`` and ``sha-<7>``;
-    * then the repo's ``templates``, in their order. A template using a placeholder that does
-      not apply is left out: ``{branch}`` needs a branch build, ``{tag}`` a tag build, ``{pr}``
-      a pull request, ``{version}`` a semver tag, and ``{major}``/``{minor}``/``{patch}`` a
-      stable (non-prerelease) semver tag, as metadata-action only extends ``{{version}}`` on
-      prereleases. ``{sha}``, ``{short_sha}`` and ``{kind}`` always apply.
+      ``pr-<n>`` only, whatever the repository's ``tags:`` say (the config comes from the
+      pull request's own head, so it must not name release tags);
+    * branch and tag builds then add the repo's ``templates``, in their order. A template using
+      a placeholder that does not apply is left out: ``{branch}`` needs a branch build,
+      ``{tag}`` a tag build, ``{version}`` a semver tag, and ``{major}``/``{minor}``/``{patch}``
+      a stable semver tag, as metadata-action only extends ``{{version}}`` on prereleases.
+      A template tag moves unless it uses ``{sha}``, ``{short_sha}``, ``{tag}`` or ``{version}``.
 
     Bad arguments from the bot itself (a ref that does not match the kind, a sha that is not
     hex) raise ``ValueError``; a bad template raises :class:`TagError`.
     """
     kind = BuildKind(kind)
     short = _short_sha(sha)
+    for template in templates:  # a bad one is reported even by builds that would not use it
+        template_placeholders(template)
     values = {"sha": sha.strip().lower(), "short_sha": short, "kind": kind.value}
-    tags: list[str] = []
+    aliases: set[str] = set()
+    version, notes = None, []
     if kind is BuildKind.branch:
-        if not ref.startswith("refs/heads/"):
-            raise ValueError(f"a branch build needs a refs/heads/ ref, not {ref!r}")
-        branch = ref.removeprefix("refs/heads/")
-        values["branch"] = branch
-        tags += [sanitize_tag(branch), f"sha-{short}"]
-        if default_branch and branch == default_branch.removeprefix("refs/heads/"):
-            tags.append("latest")
+        tags, moving, notes = _branch_tags(ref, short, default_branch, values)
     elif kind is BuildKind.tag:
-        if not ref.startswith("refs/tags/"):
-            raise ValueError(f"a tag build needs a refs/tags/ ref, not {ref!r}")
-        name = ref.removeprefix("refs/tags/")
-        values["tag"] = name
-        version = parse_semver(name)
-        if version is None:
-            tags += [sanitize_tag(name), f"sha-{short}"]
-        else:
-            values["version"] = version.version
-            tags.append(version.version)
-            if version.prerelease is None:
-                values.update(
-                    major=str(version.major), minor=str(version.minor), patch=str(version.patch)
-                )
-                tags.append(f"{version.major}.{version.minor}")
-                if version.major != 0:
-                    tags.append(str(version.major))
-            tags.append(f"sha-{short}")
-            if version.prerelease is None:
-                tags.append("latest")
+        tags, aliases, version = _tag_tags(ref, short, values)
+        moving = set(aliases)
     else:
-        number = _pr_number(ref, pr_number)
-        values["pr"] = str(number)
-        tags += [f"pr-{number}", f"sha-{short}"]
+        pr = f"pr-{_pr_number(ref, pr_number)}"
+        if templates:
+            notes.append("a pull request build publishes only its pr-<n> tag, not the tags: of .imagebot.yml")
+        return TagPlan((pr,), frozenset({pr}), notes=tuple(notes))
     for template in templates:
-        rendered = render_template(template, values)
-        if rendered:
-            tags.append(rendered)
-    return list(dict.fromkeys(tag for tag in tags if tag))
+        _add_template(template, values, kind, tags, moving, aliases, notes)
+    tags = [tag for tag in dict.fromkeys(tags) if tag]
+    return TagPlan(tuple(tags), frozenset(moving), frozenset(aliases), version, tuple(notes))
+
+
+def _add_template(template: str, values: dict[str, str], kind: BuildKind, tags: list[str],
+                  moving: set[str], aliases: set[str], notes: list[str]) -> None:
+    """Add one repo template's tag to a branch or tag build's (see :func:`plan_tags`)."""
+    rendered = render_template(template, values)
+    used = template_placeholders(template)
+    if rendered and "branch" in used and RESERVED_TAG.fullmatch(rendered):
+        notes.append(f"tag template {template!r} gives {rendered!r}, which is reserved: left out")
+    elif rendered and rendered not in tags:
+        tags.append(rendered)
+        if not used & _PINNING:
+            moving.add(rendered)
+            if kind is BuildKind.tag:
+                aliases.add(rendered)
+
+
+def user_tags(*args: Any, **kwargs: Any) -> list[str]:
+    """Every tag :func:`plan_tags` plans for the build (same arguments), in order."""
+    return list(plan_tags(*args, **kwargs).tags)
+
+
+def is_version_alias(tag: str) -> bool:
+    """``latest``, ``X`` or ``X.Y``: the tags a tag build moves (templates aside)."""
+    return tag == "latest" or re.fullmatch(r"[0-9]+(\.[0-9]+)?", tag) is not None
+
+
+def newer_version_published(version: SemVer, published: list[str]) -> set[str]:
+    """Which of ``latest``, ``X.Y`` and ``X`` a tag build of ``version`` must not move,
+    because the bot has published a higher stable ``X.Y.Z`` (as listed in the registry).
+
+    Only tags the bot itself writes count: exact stable versions without a ``v`` prefix.
+    """
+    key = (version.major, version.minor, version.patch)
+    versions = [(tag, parse_semver(tag)) for tag in published]
+    higher = [v for tag, v in versions if v is not None and v.prerelease is None and v.version == tag
+              and (v.major, v.minor, v.patch) > key]
+    held = set()
+    if higher:
+        held.add("latest")
+    if any(v.major == version.major for v in higher):
+        held.add(str(version.major))
+    if any((v.major, v.minor) == (version.major, version.minor) for v in higher):
+        held.add(f"{version.major}.{version.minor}")
+    return held
 
 
 # -- platforms --------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
@@ -325,14 +326,15 @@ class KubernetesRuntime:
                 "app.kubernetes.io/managed-by": "imagebot"}
 
     def layer_cache_path(self, job: BuildJob) -> str | None:
-        """The node directory holding this build's layer cache: one per image repository and
-        platform (a name nobody can choose: a hash), and none for builds that do not push."""
+        """The node directory holding this build's layer cache: one per source repository (its
+        clone URL's host and path) and platform (a name nobody can choose: a hash; never the
+        image name, which a repository picks, so one repository cannot poison another's cache),
+        none for builds that do not push."""
         root = self.settings.k8s_layer_cache_dir
-        if root is None or not job.push or job.image is None:
+        if root is None or not job.push or job.source is None:
             return None
-        repository, _, tag = job.image.rpartition(":")  # host[:port]/path, without the platform tag
-        if not repository or "/" in tag:
-            repository = job.image
+        url = urlsplit(job.source.clone_url)
+        repository = f"{url.hostname}{url.path.removesuffix('.git')}".lower()
         key = hashlib.sha256(f"{repository}\n{job.platform}".encode()).hexdigest()[:32]
         return f"{root}/{key}-{slug(job.platform)}"
 
