@@ -154,6 +154,7 @@ class Pipeline:
             build.clone_url, build.sha, build.ref, dest, token=token, username=username,
             timeout=self.settings.fetch_timeout_seconds,
             log=lambda lines: self.log(build, None, lines),
+            protocols=self.settings.git_protocols,
         )
         await self.emit(build, "fetch_succeeded", duration_s=checkout.duration_s, sha=checkout.sha,
                         method=checkout.method)
