@@ -41,7 +41,7 @@ def pattern_problem(pattern: str) -> str | None:
     forge, glob_ = split_forge(pattern.strip())
     if forge is not None and forge not in FORGES:
         return f"{pattern!r}: the prefix must be one of {', '.join(f + ':' for f in FORGES)}"
-    if not _PATTERN.match(glob_):
+    if not _PATTERN.fullmatch(glob_):
         return f"{pattern!r} is not a repository glob such as acme/*, group/** or gitlab:group/app"
     return None
 

@@ -169,7 +169,7 @@ async def fetch(
     protocols: Sequence[str] = DEFAULT_PROTOCOLS,
 ) -> Checkout:
     """Check out ``sha`` of ``clone_url`` into ``dest`` (created; must not exist)."""
-    if not SHA.match(sha):
+    if not SHA.fullmatch(sha):
         raise FetchError("sha_not_found", f"{sha!r} is not a full commit sha")
     check_url(clone_url, protocols)
     started = time.monotonic()
@@ -252,7 +252,7 @@ async def resolve(
         elif "\t" in line:
             sha, name = line.split("\t", 1)
             refs[name] = sha
-    if SHA.match(ref_or_sha):
+    if SHA.fullmatch(ref_or_sha):
         return Resolved(ref or (f"refs/heads/{default_branch}" if default_branch else "HEAD"),
                         ref_or_sha, default_branch)
     for candidate in candidates:

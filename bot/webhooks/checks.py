@@ -47,7 +47,7 @@ def _shown(value: str, limit: int = 80) -> str:
 
 def sha(value: str, name: str) -> str:
     """``value`` if it is a full commit id (SHA-1 or SHA-256, lower-case hex), else a 400."""
-    if not SHA.match(value):
+    if not SHA.fullmatch(value):
         raise _refuse(f"payload field {name} is not a commit sha (40 or 64 hex digits): {_shown(value)}")
     return value
 
@@ -99,7 +99,7 @@ def repo_path(value: str, provider: str, name: str) -> str:
     if (
         len(value) > MAX_REPO_CHARS
         or not 2 <= len(segments) <= most
-        or any(not _SEGMENT.match(s) or s in (".", "..") for s in segments)
+        or any(not _SEGMENT.fullmatch(s) or s in (".", "..") for s in segments)
     ):
         shape = "owner/name" if most == 2 else f"group/project with at most {most - 2} subgroups"
         raise _refuse(
@@ -123,7 +123,7 @@ def number(value: int | None, name: str) -> int | None:
 
 def event(value: str) -> str:
     """The event header (``push``, ``Merge Request Hook``), bounded to its column."""
-    if not _EVENT.match(value):
+    if not _EVENT.fullmatch(value):
         raise WebhookError(400, f"event {_shown(value)} is not an event name (letters, digits, "
                                 "spaces, . _ -; at most 64 characters)")
     return value
@@ -133,7 +133,7 @@ def action(value: Any) -> str | None:
     """A delivery's ``action`` if it is a string; bounded to its column (else a 400)."""
     if not isinstance(value, str):
         return None
-    if not _ACTION.match(value):
+    if not _ACTION.fullmatch(value):
         raise _refuse(f"payload field action is not an action name (letters, digits, . _ -; "
                       f"at most 64 characters): {_shown(value)}")
     return value
@@ -142,13 +142,12 @@ def action(value: Any) -> str | None:
 def clone_url_problem(url: str, web_url: str, repo: str) -> str | None:
     """Why ``url`` is not ``repo``'s clone URL on the forge at ``web_url``, or None.
 
-    Compared as strings (ignoring case, as forges resolve hosts and paths), never parsed: a
-    parser that reads ``https://forge@evil/`` or a tab differently from git is no gate. So the
-    scheme, host, port and path prefix are the operator's, and the path is the repository's.
+    Compared as strings (ignoring ASCII case, as forges resolve hosts and paths), never
+    parsed: a parser that reads ``https://forge@evil/`` or a tab differently from git is no
+    gate. So the scheme, host, port and path prefix are the operator's, the rest is the
+    (checked) repository path, and nothing else: no query, no dot segments, no spaces.
     """
-    if not url.isascii() or not url.isprintable() or " " in url:
-        return f"clone URL {_shown(url)} has spaces, control or non-ASCII characters"
-    if not url.lower().startswith(web_url.lower() + "/"):
+    if not (url.isascii() and url.lower().startswith(web_url.lower() + "/")):
         return f"clone URL {_shown(url)} is not on {web_url}"
     expected = f"{web_url}/{repo}".lower()
     if url.lower() not in (expected, expected + ".git"):
