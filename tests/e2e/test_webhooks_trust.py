@@ -19,14 +19,7 @@ import pytest
 
 from tests.e2e.test_processes import bot_env, build
 from tests.standins.git_http import GitHTTPServer, make_repo
-from tests.support import (
-    GITLAB_TOKEN,
-    BotProcess,
-    free_port,
-    github_headers,
-    github_payload,
-    wait_until,
-)
+from tests.support import GITLAB_TOKEN, BotProcess, free_port, github_headers, github_payload, wait_until
 
 pytestmark = pytest.mark.e2e
 
