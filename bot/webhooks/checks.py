@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from bot.pipeline.fetch import SHA
 from bot.queue import BuildRequest, Decision, Ignore
 from bot.repositories import RepositoryPatterns, compiled
 from bot.settings import Settings
 from bot.webhooks.ingress import WebhookError, field
 
-SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 #: A ref, in bytes of UTF-8: bounds image tags, report keys and the ``ref`` column (512).
 MAX_REF_BYTES = 255
 #: The ``repo`` column; GitLab allows 20 levels of subgroups below the top-level group.
