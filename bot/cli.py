@@ -147,7 +147,8 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         try:
             target = await resolve(args.git_url, args.ref_or_sha, token=token,
-                                   username=TOKEN_USERS[args.forge], ref=args.ref)
+                                   username=TOKEN_USERS[args.forge], ref=args.ref,
+                                   protocols=settings.git_protocols)
         except FetchError as exc:
             print(f"imagebot: {exc.message}", file=sys.stderr)
             return 1

@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from bot.repositories import EVERYTHING, pattern_problem
+
 #: ``os/arch[/variant]`` as Docker and the OCI image index spell platforms.
 _PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
 #: ``host[:port][/namespace...]``: a registry host, optionally with a path prefix for images.
@@ -39,6 +41,21 @@ _IMAGE_PREFIX = re.compile(
     r"(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+/?$"
 )
 _NAMESPACE = re.compile(r"^/?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*/?$")
+
+
+#: Transports git may be allowed to use (``IMAGEBOT_GIT_PROTOCOLS``); never ``ext``.
+GIT_PROTOCOLS = ("https", "http", "ssh", "git", "file")
+
+
+def web_url_for_api(api_url: str) -> str:
+    """GitHub's web URL for its API URL: ``https://api.github.com`` → ``https://github.com``,
+    GitHub Enterprise Server's ``https://host/api/v3`` → ``https://host``; any other API URL
+    (a proxy, a test stand-in) is taken as the web URL too."""
+    api_url = api_url.rstrip("/")
+    scheme, _, rest = api_url.partition("://")
+    if rest.lower() == "api.github.com":
+        return f"{scheme}://github.com"
+    return api_url.removesuffix("/api/v3")
 
 
 class SettingsError(Exception):
@@ -72,12 +89,21 @@ class Settings(BaseSettings):
 
     # Forges.
     github_api_url: str = "https://api.github.com"
+    #: GitHub's web address, which every clone URL must be under; unset: derived from the API
+    #: URL (``github_web_url``): api.github.com → github.com, ``https://host/api/v3`` → host.
+    github_url: str | None = None
     github_token: SecretStr | None = None
     github_app_id: int | None = Field(default=None, gt=0)
     github_private_key: SecretStr | None = None
     github_private_key_path: Path | None = None
     gitlab_url: str = "https://gitlab.com"
     gitlab_api_token: SecretStr | None = None
+    #: The repositories served (bot.repositories): globs, ``*`` one path segment, ``**`` any
+    #: number, optionally ``github:``/``gitlab:``-prefixed; deliveries for others are ignored.
+    repositories: Annotated[list[str], NoDecode] = [EVERYTHING]
+    #: The transports git may use (GIT_ALLOW_PROTOCOL); clone URLs from webhooks are further
+    #: held to the forge's own URL. ``ext`` (run any command) is never allowed.
+    git_protocols: Annotated[list[str], NoDecode] = ["https", "http"]
 
     # Reporting (commit statuses, check runs).
     #: The status context / check run name; pull request builds add " (pull_request)".
@@ -191,13 +217,6 @@ class Settings(BaseSettings):
     #: redelivered for three days and a redelivery must still be recognised.
     delivery_retention_days: float = Field(default=30.0, ge=4)
 
-    @field_validator("platforms", mode="before")
-    @classmethod
-    def _split_platforms(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [p.strip() for p in value.split(",") if p.strip()]
-        return value
-
     @field_validator("platforms")
     @classmethod
     def _check_platforms(cls, value: list[str]) -> list[str]:
@@ -206,6 +225,32 @@ class Settings(BaseSettings):
         bad = [p for p in value if not _PLATFORM.match(p)]
         if bad:
             raise ValueError(f"not os/arch[/variant]: {', '.join(bad)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("platforms", "repositories", "git_protocols", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("repositories")
+    @classmethod
+    def _check_repositories(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"give at least one repository glob ({EVERYTHING} serves every repository)")
+        problems = [p for p in map(pattern_problem, value) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return list(dict.fromkeys(value))
+
+    @field_validator("git_protocols")
+    @classmethod
+    def _check_git_protocols(cls, value: list[str]) -> list[str]:
+        value = [p.lower() for p in value]
+        bad = [p for p in value if p not in GIT_PROTOCOLS]
+        if bad or not value:
+            raise ValueError(f"choose from {', '.join(GIT_PROTOCOLS)} (ext runs commands and is never allowed)")
         return list(dict.fromkeys(value))
 
     @field_validator("registry")
@@ -266,12 +311,19 @@ class Settings(BaseSettings):
             raise ValueError("only sqlite:// and postgresql:// URLs are supported")
         return value
 
-    @field_validator("github_api_url", "gitlab_url", "public_url")
+    @field_validator("github_api_url", "github_url", "gitlab_url", "public_url")
     @classmethod
-    def _check_http_url(cls, value: str) -> str:
+    def _check_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
+
+    @property
+    def github_web_url(self) -> str:
+        """Where GitHub's repositories live, the prefix every GitHub clone URL must have."""
+        return self.github_url or web_url_for_api(self.github_api_url)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

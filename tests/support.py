@@ -44,6 +44,9 @@ def make_settings(db_url: str = "sqlite:///:memory:", **overrides: Any) -> Setti
         "github_webhook_secret": GITHUB_SECRET,
         "gitlab_webhook_token": GITLAB_TOKEN,
         "platforms": ["linux/amd64", "linux/arm64"],
+        # GitLab's documented sample payloads (tests/data/webhooks/gitlab) come from this host;
+        # their clone URLs must be on IMAGEBOT_GITLAB_URL.
+        "gitlab_url": "http://example.com",
         "_env_file": None,
     }
     values.update(overrides)

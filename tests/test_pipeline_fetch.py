@@ -147,3 +147,42 @@ def test_masker_blanks_raw_and_encoded_token():
     mask = masker(SecretStr("s3cr3t"), "oauth2").mask
     encoded = base64.b64encode(b"oauth2:s3cr3t").decode()
     assert mask(f"token s3cr3t and {encoded}") == "token *** and ***"
+
+
+# -- clone URLs are data, never options or other transports (issue 12) ---------------------------
+
+
+def test_a_clone_url_that_is_a_git_option_runs_nothing(forge, tmp_path):
+    """``git fetch --upload-pack=<cmd> <sha>`` runs <cmd>: the URL must never read as an option."""
+    _, _, old, _ = forge
+    marker = tmp_path / "pwned"
+    with pytest.raises(FetchError) as failed:
+        asyncio.run(fetch(f"--upload-pack=touch {marker}", old, "refs/heads/main", tmp_path / "w"))
+    assert "is not allowed" in failed.value.message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("form", ["file://{path}", "{path}", "ext::sh -c touch% {marker}"])
+def test_local_and_ext_transports_are_refused(forge, tmp_path, form):
+    """A bare path or ``file://`` reads the host's repositories; ``ext::`` runs a command."""
+    _, repo, old, _ = forge
+    marker = tmp_path / "pwned"
+    url = form.format(path=tmp_path / "srv" / "acme" / "app.git", marker=marker)
+    with pytest.raises(FetchError) as failed:
+        asyncio.run(fetch(url, old, "refs/heads/main", tmp_path / "w"))
+    assert "git may use https, http (IMAGEBOT_GIT_PROTOCOLS)" in failed.value.message
+    assert not (tmp_path / "w" / "README.md").exists() and not marker.exists()
+
+
+def test_git_itself_allows_only_the_configured_transports(forge, tmp_path):
+    """The second wall, for callers that skip the check (the Kubernetes pod gets this env too):
+    git refuses a transport outside GIT_ALLOW_PROTOCOL, even for a URL it is handed."""
+    import subprocess
+
+    bare = tmp_path / "srv" / "acme" / "app.git"
+    env = git_env(f"file://{bare}", None, "x-access-token", tmp_path)
+    listed = subprocess.run(["git", "ls-remote", "--", f"file://{bare}"], env=env, capture_output=True, text=True)
+    assert listed.returncode != 0 and "transport 'file' not allowed" in listed.stderr
+    allowed = git_env(f"file://{bare}", None, "x-access-token", tmp_path, protocols=("file",))
+    assert subprocess.run(["git", "ls-remote", "--", f"file://{bare}"], env=allowed,
+                          capture_output=True).returncode == 0

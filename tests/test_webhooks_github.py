@@ -64,6 +64,11 @@ EXPECTED = {
 }
 
 
+#: Vendored payloads whose clone URL is plain http://github.com: the endpoint refuses them, since
+#: a clone URL must be on IMAGEBOT_GITHUB_URL (https://github.com by default), scheme included.
+PLAIN_HTTP_CLONE_URL = {"check_run.rerequested.7.json", "check_run.rerequested.8.json"}
+
+
 def test_every_vendored_payload_has_an_expectation():
     assert {entry["file"] for entry in INDEX} == set(EXPECTED)
 
@@ -167,6 +172,14 @@ def _count(db, table) -> int:
 @pytest.mark.parametrize("entry", INDEX, ids=lambda e: e["file"])
 def test_endpoint_answers_every_vendored_payload(client, db, entry):
     payload = github_payload(entry["file"].removesuffix(".json"))
+    if entry["file"] in PLAIN_HTTP_CLONE_URL:
+        refused = post_github(client, entry["event"], payload, delivery=f"http-{entry['file']}")
+        assert refused.status_code == 400
+        assert refused.json()["error"].startswith("clone URL 'http://github.com/github/hello-world.git' "
+                                                  "is not on https://github.com")
+        assert _count(db, deliveries) == 0 and _count(db, builds) == 0
+        # derived: the https clone URL GitHub sends today
+        payload["repository"]["clone_url"] = "https://github.com/github/hello-world.git"
     response = post_github(client, entry["event"], payload, delivery=f"d-{entry['file']}")
     status, outcome, _ = EXPECTED[entry["file"]]
     assert response.status_code == status, response.text

@@ -447,6 +447,7 @@ class Bench:
         self.reg_host = env["IMAGEBOT_TEST_REGISTRY"]
         self.user = env["IMAGEBOT_TEST_REGISTRY_USERNAME"]
         self.password = env["IMAGEBOT_TEST_REGISTRY_PASSWORD"]
+        self.forge_url = ""  # the git server's URL, once it runs (IMAGEBOT_GITHUB_URL)
         self.registry = Registry(self.reg_host, self.user, self.password)
         self.run_id = secrets.token_hex(3)
         self.prefix = f"pb{self.run_id}"
@@ -750,6 +751,8 @@ class Bench:
             "IMAGEBOT_GITHUB_WEBHOOK_SECRET": self.serve_secret,
             "IMAGEBOT_PLATFORMS": ",".join(PLATFORMS),
             "IMAGEBOT_POLL_SECONDS": "0.2",
+            # clone URLs must be on the forge's URL: here the run's git server
+            "IMAGEBOT_GITHUB_URL": self.forge_url,
         })
         return env
 
@@ -902,14 +905,15 @@ class Bench:
             self.db_upgrade()
             repo = make_repo(self.work / "git", "acme/app",
                              fixture_files(self.base_ref, self.args.work_mb, self.args.rounds))
-            if "serve" in self.contestants:
-                self.start_serve()
             if self.kube is not None:
                 self.kube.create_namespace(self.kube_ns)
                 say(f"Kubernetes namespace {self.kube_ns}, builder {self.kube.builder_image}")
             with GitHTTPServer(self.work / "git") as git:
                 url = git.repo_url("acme/app")
                 say(f"git repo {url}")
+                self.forge_url = git.url
+                if "serve" in self.contestants:
+                    self.start_serve()
                 for rep in range(1, self.args.reps + 1):
                     ns = {who: f"{self.prefix}/r{rep}{NS_LETTER[who]}" for who in CONTESTANTS}
                     # The server's IMAGEBOT_REGISTRY is the run's prefix; a served commit names its

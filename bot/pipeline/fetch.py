@@ -6,6 +6,13 @@ and the sha looked up in it. The token travels as an ``http.<origin>/.extraHeade
 ``GIT_CONFIG_*`` environment variables: never on a command line, in a URL, in .git/config or in
 a credential store, and only sent to the forge's own origin. Every message that leaves this
 module has the token masked in every form (bot.masking).
+
+A clone URL and a ref reach git as data, never as options: every command puts ``--`` before
+them (a URL ``--upload-pack=sh -c …`` is otherwise an option that runs a command), and git may
+use only the allowed transports (``GIT_ALLOW_PROTOCOL``, https and http by default: no
+``file://`` reads of the host's repositories, no ``ext::`` commands). Webhook deliveries are
+held to the forge's own URL before they are stored (bot.webhooks.checks); this is the second
+wall, for every caller.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import signal
 import tempfile
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,6 +38,8 @@ from bot.pipeline import StepError
 SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 #: Usernames that go with a token in HTTP Basic auth, per forge.
 TOKEN_USERS = {"github": "x-access-token", "gitlab": "oauth2"}
+#: The transports git may use unless the caller allows others (IMAGEBOT_GIT_PROTOCOLS).
+DEFAULT_PROTOCOLS = ("https", "http")
 
 
 class FetchError(StepError):
@@ -73,8 +82,21 @@ def classify(stderr: str) -> str:
     return "failed"
 
 
-def git_env(clone_url: str, token: SecretStr | None, username: str, home: Path) -> dict[str, str]:
-    """An isolated environment for git: no user or system config, no prompts, token in a header."""
+def check_url(clone_url: str, protocols: Sequence[str] = DEFAULT_PROTOCOLS) -> None:
+    """Refuse a clone URL git must not be given: one that reads as an option, or whose
+    transport is not allowed (``host:path`` is ssh to git; a bare path is ``file``)."""
+    scheme, sep, _ = clone_url.partition("://")
+    if not sep:
+        scheme = "ssh" if re.match(r"^[^/]+:", clone_url) else "file"
+    if clone_url.startswith("-") or scheme.lower() not in protocols:
+        raise FetchError("failed", f"clone URL {clone_url!r} is not allowed: git may use "
+                                   f"{', '.join(protocols)} (IMAGEBOT_GIT_PROTOCOLS)")
+
+
+def git_env(clone_url: str, token: SecretStr | None, username: str, home: Path,
+            protocols: Sequence[str] = DEFAULT_PROTOCOLS) -> dict[str, str]:
+    """An isolated environment for git: no user or system config, no prompts, token in a
+    header, only the allowed transports."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
@@ -85,6 +107,8 @@ def git_env(clone_url: str, token: SecretStr | None, username: str, home: Path) 
         # A stalled transfer (under 1 KB/s for 30 s) is abandoned instead of hanging.
         "GIT_HTTP_LOW_SPEED_LIMIT": "1000",
         "GIT_HTTP_LOW_SPEED_TIME": "30",
+        # git refuses any other transport, for the URL and for whatever it is redirected to
+        "GIT_ALLOW_PROTOCOL": ":".join(protocols),
     }
     config = [("protocol.version", "2"), ("advice.detachedHead", "false")]
     if token is not None:
@@ -135,14 +159,16 @@ async def fetch(
     username: str = "x-access-token",
     timeout: float = 300.0,
     log: Callable[[list[str]], Awaitable[None]] | None = None,
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
 ) -> Checkout:
     """Check out ``sha`` of ``clone_url`` into ``dest`` (created; must not exist)."""
-    if not SHA.match(sha):
+    if not SHA.fullmatch(sha):
         raise FetchError("sha_not_found", f"{sha!r} is not a full commit sha")
+    check_url(clone_url, protocols)
     started = time.monotonic()
     mask = masker(token, username).mask
     dest.mkdir(parents=True)
-    env = git_env(clone_url, token, username, dest.parent)
+    env = git_env(clone_url, token, username, dest.parent, protocols)
     deadline = started + timeout
 
     async def run(*args: str) -> tuple[int, str]:
@@ -159,21 +185,21 @@ async def fetch(
         return code, output
 
     await run("init", "-q")
-    code, output = await run("fetch", "--depth", "1", "--no-tags", clone_url, sha)
+    code, output = await run("fetch", "--depth", "1", "--no-tags", "--", clone_url, sha)
     method = "sha"
     if code != 0:
         kind = classify(output)
         if kind != "sha_not_found":
             raise FetchError(kind, _message(kind, mask(clone_url), sha, output))
         method = "ref"
-        code, output = await run("fetch", "--no-tags", clone_url, ref)
+        code, output = await run("fetch", "--no-tags", "--", clone_url, ref)
         if code != 0:
             kind = classify(output)
             raise FetchError(kind, _message(kind, mask(clone_url), ref, output))
         code, _ = await run("cat-file", "-e", f"{sha}^{{commit}}")
         if code != 0:
             raise FetchError("sha_not_found", f"commit {sha} is not in {ref} of {mask(clone_url)}")
-    code, output = await run("checkout", "-q", "--detach", sha)
+    code, output = await run("checkout", "-q", "--detach", sha, "--")
     if code != 0:
         raise FetchError("failed", f"checking out {sha} failed: {_tail(output)}")
     return Checkout(dest, sha, method, round(time.monotonic() - started, 3))
@@ -189,19 +215,21 @@ class Resolved:
 async def resolve(
     clone_url: str, ref_or_sha: str, *, token: SecretStr | None = None,
     username: str = "x-access-token", ref: str | None = None, timeout: float = 60.0,
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
 ) -> Resolved:
     """Which commit ``ref_or_sha`` names on the remote (``git ls-remote``), and its ref.
 
     A full sha is taken as it is (with ``ref``, or the default branch, as the ref to fall
     back on when fetching); a name is looked up as a branch, then as a tag.
     """
+    check_url(clone_url, protocols)
     mask = masker(token, username).mask
     with tempfile.TemporaryDirectory(prefix="imagebot-resolve-") as home:
-        env = git_env(clone_url, token, username, Path(home))
+        env = git_env(clone_url, token, username, Path(home), protocols)
         candidates = [ref_or_sha] if ref_or_sha.startswith("refs/") else [
             f"refs/heads/{ref_or_sha}", f"refs/tags/{ref_or_sha}^{{}}", f"refs/tags/{ref_or_sha}"]
         try:
-            code, output = await _git(["ls-remote", "--symref", clone_url, "HEAD", *candidates],
+            code, output = await _git(["ls-remote", "--symref", "--", clone_url, "HEAD", *candidates],
                                       env, Path(home), timeout)
         except TimeoutError:
             raise FetchError("timeout", f"listing {mask(clone_url)} timed out") from None
@@ -217,7 +245,7 @@ async def resolve(
         elif "\t" in line:
             sha, name = line.split("\t", 1)
             refs[name] = sha
-    if SHA.match(ref_or_sha):
+    if SHA.fullmatch(ref_or_sha):
         return Resolved(ref or (f"refs/heads/{default_branch}" if default_branch else "HEAD"),
                         ref_or_sha, default_branch)
     for candidate in candidates:

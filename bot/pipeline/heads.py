@@ -8,11 +8,12 @@ runs with the same isolated git environment (and token) as the fetch.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
 
-from bot.pipeline.fetch import _git, git_env, masker
+from bot.pipeline.fetch import DEFAULT_PROTOCOLS, _git, check_url, git_env, masker
 
 
 class HeadUnknown(Exception):
@@ -20,13 +21,14 @@ class HeadUnknown(Exception):
 
 
 async def ref_head(clone_url: str, ref: str, *, token: SecretStr | None, username: str,
-                   timeout: float = 60.0) -> str | None:
+                   timeout: float = 60.0, protocols: Sequence[str] = DEFAULT_PROTOCOLS) -> str | None:
     """The sha ``ref`` points at on the remote (a tag's commit, peeled), None when the ref is
     gone; raises :class:`HeadUnknown` (its message masked) when git cannot tell."""
+    check_url(clone_url, protocols)
     mask = masker(token, username).mask
     patterns = [ref, f"{ref}^{{}}"] if ref.startswith("refs/tags/") else [ref]
     with tempfile.TemporaryDirectory(prefix="imagebot-head-") as home:
-        env = git_env(clone_url, token, username, Path(home))
+        env = git_env(clone_url, token, username, Path(home), protocols)
         try:
             code, output = await _git(["ls-remote", "--", clone_url, *patterns], env, Path(home), timeout)
         except TimeoutError:

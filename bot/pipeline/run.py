@@ -231,6 +231,7 @@ class Pipeline:
             build.clone_url, build.sha, build.ref, dest, token=token, username=username,
             timeout=self.settings.fetch_timeout_seconds,
             log=lambda lines: self.log(build, None, lines),
+            protocols=self.settings.git_protocols,
         )
         await self.emit(build, "fetch_succeeded", duration_s=checkout.duration_s, sha=checkout.sha,
                         method=checkout.method)
@@ -555,7 +556,8 @@ class Pipeline:
             token = await self._forge_token(build)
             head = await ref_head(build.clone_url, build.ref, token=token,
                                   username=TOKEN_USERS.get(build.provider, "x-access-token"),
-                                  timeout=self.settings.fetch_timeout_seconds)
+                                  timeout=self.settings.fetch_timeout_seconds,
+                                  protocols=self.settings.git_protocols)
         except (HeadUnknown, FetchError) as exc:
             return (f"could not check that {short} is still the head of {build.ref} ({exc}): "
                     "only immutable tags are published")

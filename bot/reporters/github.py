@@ -20,6 +20,7 @@ from gidgethub import GitHubException
 from gidgethub import apps as github_apps
 from gidgethub.httpx import GitHubAPI
 
+from bot.reporters import api_path
 from bot.reporters.commit_status import CommitStatus
 from bot.reporters.errors import ReportError, classify
 from bot.settings import Settings
@@ -30,6 +31,12 @@ GitHubError = ReportError
 USER_AGENT = "imagebot"
 #: An installation token is renewed this long before GitHub says it expires.
 TOKEN_MARGIN_SECONDS = 300
+
+
+def _repo_path(repo: str, *rest: str | int) -> str:
+    """``/repos/{owner}/{repo}/...`` with every segment quoted (bot.reporters.api_path); the
+    ``{`` and ``}`` of a quoted value cannot open a URI template either."""
+    return api_path("repos", *repo.split("/"), *rest)
 
 
 class _API(GitHubAPI):
@@ -113,17 +120,17 @@ class GitHubClient:
         """POST /repos/{owner}/{repo}/statuses/{sha}."""
         body = {"state": status.state, "description": status.description,
                 "target_url": status.target_url, "context": context}
-        return await self._call("POST", f"/repos/{repo}/statuses/{sha}", body, installation_id)
+        return await self._call("POST", _repo_path(repo, "statuses", sha), body, installation_id)
 
     async def create_check_run(self, repo: str, body: dict[str, Any],
                                installation_id: int | None) -> dict[str, Any]:
         """POST /repos/{owner}/{repo}/check-runs (App mode only)."""
-        return await self._call("POST", f"/repos/{repo}/check-runs", body, installation_id)
+        return await self._call("POST", _repo_path(repo, "check-runs"), body, installation_id)
 
     async def update_check_run(self, repo: str, check_run_id: int, body: dict[str, Any],
                                installation_id: int | None) -> dict[str, Any]:
         """PATCH /repos/{owner}/{repo}/check-runs/{check_run_id} (App mode only)."""
-        return await self._call("PATCH", f"/repos/{repo}/check-runs/{check_run_id}", body, installation_id)
+        return await self._call("PATCH", _repo_path(repo, "check-runs", check_run_id), body, installation_id)
 
     async def find_check_run(self, repo: str, sha: str, name: str, external_id: str,
                              installation_id: int | None) -> dict[str, Any] | None:
@@ -133,7 +140,7 @@ class GitHubClient:
         ``Link`` header). A create whose answer was lost (a crash, a timeout, a 502 after the
         fact) may still have made the run; looking first keeps a retry from making a second.
         """
-        url = f"/repos/{repo}/commits/{sha}/check-runs{{?check_name,filter,app_id,per_page}}"
+        url = _repo_path(repo, "commits", sha, "check-runs") + "{?check_name,filter,app_id,per_page}"
         query = {"check_name": name, "filter": "all", "app_id": str(self.settings.github_app_id),
                  "per_page": "100"}
 

@@ -5,10 +5,9 @@ maintained client, python-gitlab, is synchronous)."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
-
 import httpx
 
+from bot.reporters import api_path
 from bot.reporters.commit_status import CommitStatus
 from bot.reporters.errors import ReportError, classify
 from bot.settings import Settings
@@ -35,7 +34,7 @@ class GitLabClient:
         token = self.settings.gitlab_api_token
         if token is None:
             raise ReportError("auth", "no GitLab API token is configured (IMAGEBOT_GITLAB_API_TOKEN)")
-        url = f"{self.settings.gitlab_url}/api/v4/projects/{quote(project, safe='')}/statuses/{sha}"
+        url = self.settings.gitlab_url + api_path("api", "v4", "projects", project, "statuses", sha)
         body: dict[str, Any] = {"state": status.state, "name": name, "target_url": status.target_url,
                                 "description": status.description}
         if ref:

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 
 from bot.models import BuildKind
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore, Ping
+from bot.webhooks import checks
 from bot.webhooks.ingress import (
     WebhookError,
     accept,
@@ -25,7 +26,6 @@ from bot.webhooks.ingress import (
     required_header,
     router_for,
     skip_reason,
-    text_or_none,
 )
 
 PROVIDER = "github"
@@ -47,17 +47,20 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> None:
 
 
 def _repo_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """The repository's fields of a build, each checked (bot.webhooks.checks)."""
     return {
         "provider": PROVIDER,
-        "repo": field(payload, "repository.full_name"),
+        "repo": checks.repo_at(payload, "repository.full_name", PROVIDER),
         "clone_url": field(payload, "repository.clone_url"),
-        "default_branch": field(payload, "repository.default_branch", optional=True),
-        "installation_id": field(payload, "installation.id", of=int, optional=True),
+        "default_branch": checks.branch(
+            field(payload, "repository.default_branch", optional=True), "repository.default_branch"),
+        "installation_id": checks.number(
+            field(payload, "installation.id", of=int, optional=True), "installation.id"),
     }
 
 
 def push_decision(payload: dict[str, Any]) -> Decision:
-    ref: str = field(payload, "ref")
+    ref = checks.ref(field(payload, "ref"), "ref")
     if ref.startswith("refs/heads/"):
         kind, what = BuildKind.branch, "branch"
     elif ref.startswith("refs/tags/"):
@@ -65,11 +68,12 @@ def push_decision(payload: dict[str, Any]) -> Decision:
     else:
         return Ignore(f"push to {ref} is neither a branch nor a tag")
     if payload.get("deleted"):
-        return CancelRef(PROVIDER, field(payload, "repository.full_name"), ref, f"{what} deleted")
+        return CancelRef(PROVIDER, checks.repo_at(payload, "repository.full_name", PROVIDER), ref,
+                         f"{what} deleted")
     return BuildRequest(
         **_repo_fields(payload),
         ref=ref,
-        sha=field(payload, "after"),
+        sha=checks.sha_at(payload, "after"),
         kind=kind,
         trigger="push",
         skip_reason=skip_reason(field(payload, "head_commit.message", optional=True)),
@@ -81,12 +85,12 @@ def pull_request_decision(payload: dict[str, Any]) -> Decision:
     if action not in PR_ACTIONS:
         return Ignore(f"pull_request action {action!r} does not build")
     pr = field(payload, "pull_request", of=dict)
-    number = field(pr, "number", of=int, at="pull_request")
+    number = checks.number(field(pr, "number", of=int, at="pull_request"), "pull_request.number")
     head_repo = field(pr, "head.repo.full_name", optional=True, at="pull_request")
     return BuildRequest(
         **_repo_fields(payload),
         ref=f"refs/pull/{number}/head",
-        sha=field(pr, "head.sha", at="pull_request"),
+        sha=checks.sha_at(pr, "head.sha", at="pull_request"),
         kind=BuildKind.pull_request,
         trigger="pull_request",
         pr_number=number,
@@ -105,7 +109,7 @@ def rerun_decision(
         pr, where = pulls[0], f"{at}.pull_requests[0]"
         if not isinstance(pr, dict):
             raise WebhookError(400, f"payload field {where} has the wrong type", kind="payload")
-        number = field(pr, "number", of=int, at=where)
+        number = checks.number(field(pr, "number", of=int, at=where), f"{where}.number")
         head_id = field(pr, "head.repo.id", of=int, optional=True, at=where)
         return BuildRequest(
             **_repo_fields(payload),
@@ -121,7 +125,7 @@ def rerun_decision(
         return Ignore(f"cannot tell which branch {sha} belongs to; push again to rebuild")
     return BuildRequest(
         **_repo_fields(payload),
-        ref=f"refs/heads/{branch}",
+        ref=checks.ref(f"refs/heads/{branch}", f"{at}.head_branch"),
         sha=sha,
         kind=BuildKind.branch,
         trigger=trigger,
@@ -139,7 +143,7 @@ def check_run_decision(payload: dict[str, Any]) -> Decision:
     run = field(payload, "check_run", of=dict)
     suite = dict(field(run, "check_suite", of=dict, at="check_run"))
     suite.setdefault("pull_requests", run.get("pull_requests"))
-    sha = field(run, "head_sha", at="check_run")
+    sha = checks.sha_at(run, "head_sha", at="check_run")
     return rerun_decision(payload, suite, sha, "check_run", at="check_run.check_suite")
 
 
@@ -148,7 +152,7 @@ def check_suite_decision(payload: dict[str, Any]) -> Decision:
     if action != "rerequested":
         return Ignore(f"check_suite action {action!r} does not build")
     suite = field(payload, "check_suite", of=dict)
-    sha = field(suite, "head_sha", at="check_suite")
+    sha = checks.sha_at(suite, "head_sha", at="check_suite")
     return rerun_decision(payload, suite, sha, "check_suite", at="check_suite")
 
 
@@ -178,14 +182,15 @@ async def webhook(request: Request) -> JSONResponse:
         body,
         request.headers.get("x-hub-signature-256"),
     )
-    event_name = required_header(request, "x-github-event")
+    event_name = checks.event(required_header(request, "x-github-event"))
     delivery_id = required_header(request, "x-github-delivery")
     payload = parse_payload(body, request.headers.get("content-type"))
     delivery = DeliveryInfo(
         provider=PROVIDER,
         delivery_id=delivery_id,
         event=event_name,
-        action=text_or_none(payload.get("action")),
-        repo=field(payload, "repository.full_name", optional=True),
+        action=checks.action(payload.get("action")),
+        repo=checks.repo_at(payload, "repository.full_name", PROVIDER, optional=True),
     )
-    return await accept(request, router, payload, delivery)
+    rules = checks.rules(settings, PROVIDER)
+    return await accept(request, router, payload, delivery, lambda d: checks.admit(d, rules))

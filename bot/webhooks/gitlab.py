@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from bot.models import BuildKind
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore
+from bot.webhooks import checks
 from bot.webhooks.ingress import (
     WebhookError,
     accept,
@@ -24,7 +25,6 @@ from bot.webhooks.ingress import (
     required_header,
     router_for,
     skip_reason,
-    text_or_none,
 )
 
 PROVIDER = "gitlab"
@@ -44,9 +44,10 @@ def verify_token(expected: bytes, header: str | None) -> None:
 def _project_fields(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "provider": PROVIDER,
-        "repo": field(payload, "project.path_with_namespace"),
+        "repo": checks.repo_at(payload, "project.path_with_namespace", PROVIDER),
         "clone_url": field(payload, "project.git_http_url"),
-        "default_branch": field(payload, "project.default_branch", optional=True),
+        "default_branch": checks.branch(
+            field(payload, "project.default_branch", optional=True), "project.default_branch"),
     }
 
 
@@ -62,15 +63,17 @@ def _head_message(payload: dict[str, Any], sha: str) -> str | None:
 
 
 def _push(payload: dict[str, Any], kind: BuildKind, trigger: str) -> Decision:
-    ref = field(payload, "ref")
+    ref = checks.ref(field(payload, "ref"), "ref")
     prefix = "refs/heads/" if kind is BuildKind.branch else "refs/tags/"
     if not ref.startswith(prefix):
         return Ignore(f"{trigger} for {ref} is not a {kind.value}")
-    after = field(payload, "after")
+    after = checks.sha_at(payload, "after")
     if after == ZERO_SHA:
         what = "branch" if kind is BuildKind.branch else "tag"
-        return CancelRef(PROVIDER, field(payload, "project.path_with_namespace"), ref, f"{what} deleted")
-    sha = field(payload, "checkout_sha", optional=True) or after
+        return CancelRef(PROVIDER, checks.repo_at(payload, "project.path_with_namespace", PROVIDER), ref,
+                         f"{what} deleted")
+    checkout = field(payload, "checkout_sha", optional=True)
+    sha = checks.sha(checkout, "checkout_sha") if checkout else after
     return BuildRequest(
         **_project_fields(payload),
         ref=ref,
@@ -96,11 +99,11 @@ def merge_request_decision(payload: dict[str, Any]) -> Decision:
         return Ignore(f"merge request action {action!r} does not build")
     if action == "update" and not attrs.get("oldrev"):
         return Ignore("merge request update without new commits")
-    iid = field(attrs, "iid", of=int)
+    iid = checks.number(field(attrs, "iid", of=int, at="object_attributes"), "object_attributes.iid")
     return BuildRequest(
         **_project_fields(payload),
         ref=f"refs/merge-requests/{iid}/head",
-        sha=field(attrs, "last_commit.id"),
+        sha=checks.sha_at(attrs, "last_commit.id", at="object_attributes"),
         kind=BuildKind.pull_request,
         trigger="Merge Request Hook",
         pr_number=iid,
@@ -120,12 +123,13 @@ async def webhook(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     if settings.gitlab_webhook_token is None:
         raise WebhookError(503, "GitLab webhooks are not configured", kind="not_configured")
-    body = await read_body(request, settings.max_payload_bytes)
+    # The token is in a header: check it before reading a byte of the body, so a sender
+    # without it cannot make the bot buffer up to MAX_PAYLOAD_BYTES.
     verify_token(
         settings.gitlab_webhook_token.get_secret_value().encode(),
         request.headers.get("x-gitlab-token"),
     )
-    event_name = required_header(request, "x-gitlab-event")
+    event_name = checks.event(required_header(request, "x-gitlab-event"))
     # Idempotency-Key stays the same across GitLab's retries; older GitLab sends only the
     # event UUID. Without either, a delivery cannot be recognised again and is never deduped.
     delivery_id = (
@@ -133,13 +137,15 @@ async def webhook(request: Request) -> JSONResponse:
     )
     if delivery_id is not None and len(delivery_id) > 128:
         raise WebhookError(400, "delivery id header is longer than 128 characters")
+    body = await read_body(request, settings.max_payload_bytes)
     payload = parse_payload(body, request.headers.get("content-type"))
     attrs = payload.get("object_attributes")
     delivery = DeliveryInfo(
         provider=PROVIDER,
         delivery_id=delivery_id,
         event=event_name,
-        action=text_or_none(attrs.get("action")) if isinstance(attrs, dict) else None,
-        repo=field(payload, "project.path_with_namespace", optional=True),
+        action=checks.action(attrs.get("action")) if isinstance(attrs, dict) else None,
+        repo=checks.repo_at(payload, "project.path_with_namespace", PROVIDER, optional=True),
     )
-    return await accept(request, router, payload, delivery)
+    rules = checks.rules(settings, PROVIDER)
+    return await accept(request, router, payload, delivery, lambda d: checks.admit(d, rules))

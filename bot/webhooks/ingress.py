@@ -146,10 +146,13 @@ async def accept(
     router: Router,
     payload: dict[str, Any],
     delivery: DeliveryInfo,
+    admit: Callable[[Decision], Decision] | None = None,
 ) -> JSONResponse:
-    """Decide what a verified delivery asks for, record it, and answer the forge."""
+    """Decide what a verified delivery asks for, hold it to the operator's rules (``admit``,
+    e.g. bot.webhooks.checks.admit), record it, and answer the forge."""
     event = sansio.Event(payload, event=delivery.event, delivery_id=delivery.delivery_id or "")
-    return await record(request, delivery, await decide(router, event))
+    decision = await decide(router, event)
+    return await record(request, delivery, admit(decision) if admit else decision)
 
 
 def text_or_none(value: Any) -> str | None:

@@ -89,7 +89,8 @@ def test_a_webhook_build_appears_live_and_its_page_has_a_lane_per_platform(servi
     }
     page = browser.new_page()
     database = f"sqlite:///{tmp_path / 'bot.db'}"
-    with GitHTTPServer(tmp_path / "srv") as git, serving(database, tmp_path / "bot.log", env=env) as url:
+    with GitHTTPServer(tmp_path / "srv") as git, \
+            serving(database, tmp_path / "bot.log", env={**env, "IMAGEBOT_GITHUB_URL": git.url}) as url:
         open_list(page, url)
         build_id = push_webhook(url, git.repo_url("acme/app"), repo.head())
 

@@ -22,6 +22,7 @@ Nothing sleeps to synchronise: every wait polls a condition with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -144,7 +145,7 @@ def deploy_namespaces(k8s: Cluster) -> Iterator[None]:
 
 
 def overlay(directory: Path, *, image: str, port: int, registry: str, credentials: bool, builder_image: str,
-            api_server: str) -> Path:
+            api_server: str, github_url: str) -> Path:
     """A kustomize overlay of deploy/kubernetes (kustomize of kubectl 1.20: ``bases``,
     ``patchesStrategicMerge``, ``patchesJson6902``) with what this cluster forces, and no more."""
     host, api_port = httpx.URL(api_server).host, httpx.URL(api_server).port
@@ -179,6 +180,8 @@ data:
   # Nothing can be pulled here: the builder image is the one scripts/k8s imported.
   IMAGEBOT_K8S_BUILDER_IMAGE: "{builder_image}"
   IMAGEBOT_K8S_IMAGE_PULL_POLICY: "Never"
+  # The forge the deliveries' clone URLs must be on: the test's git server (default: GitHub).
+  IMAGEBOT_GITHUB_URL: "{github_url}"
 """)
     (directory / "deployment.yaml").write_text(f"""\
 # Only host-network pods have a network on this cluster (its CNI is loopback only) ...
@@ -296,11 +299,19 @@ def available(k8s: Cluster) -> dict[str, Any] | None:
     return deployment if done else None
 
 
+@pytest.fixture
+def git_server(tmp_path: Path) -> Iterator[GitHTTPServer]:
+    """The forge's git side, up before the bot (whose IMAGEBOT_GITHUB_URL names it); it serves
+    the repositories made under its root later."""
+    with GitHTTPServer(tmp_path / "srv") as server:
+        yield server
+
+
 @pytest.mark.parametrize("credentials", [True, False],
                          ids=["registry-password-file", "registry-without-credentials"])
 def test_deploy_runs_the_bot_in_cluster_and_builds_both_platforms_as_jobs(
     k8s: Cluster, services: dict[str, str], bot_image: str, database_url: str, deploy_namespaces: None,
-    watch: Callable[[str, str], Watch], tmp_path: Path, credentials: bool,
+    watch: Callable[[str, str], Watch], tmp_path: Path, credentials: bool, git_server: GitHTTPServer,
 ) -> None:
     started = time.monotonic()
     port = free_port()
@@ -318,7 +329,8 @@ def test_deploy_runs_the_bot_in_cluster_and_builds_both_platforms_as_jobs(
                            **({"registry-password": registry_password} if credentials else {})},
         }), 201)
     kustomization = overlay(tmp_path / "overlay", image=bot_image, port=port, registry=registry,
-                            credentials=credentials, builder_image=k8s.builder_image, api_server=k8s.server)
+                            credentials=credentials, builder_image=k8s.builder_image, api_server=k8s.server,
+                            github_url=git_server.url)
     rendered = [d for d in yaml.safe_load_all(k8s.kubectl_run("kustomize", str(kustomization)).stdout) if d]
     assert sorted(d["kind"] for d in rendered) == sorted(
         ["Namespace", "Namespace", "ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
@@ -350,7 +362,7 @@ def test_deploy_runs_the_bot_in_cluster_and_builds_both_platforms_as_jobs(
 
     # a real push of a real repository, signed with the webhook secret of the Secret
     repo = make_repo(tmp_path / "srv", "acme/app", multiarch_fixture_files(services["IMAGEBOT_DEV_BASE_IMAGE"]))
-    with GitHTTPServer(tmp_path / "srv") as git:
+    with contextlib.nullcontext(git_server) as git:  # started before the bot: its URL is configured
         payload = github_payload("push.payload.4")
         payload["repository"].update(clone_url=git.repo_url("acme/app"), full_name="acme/app",
                                      default_branch="main")

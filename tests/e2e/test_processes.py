@@ -227,7 +227,8 @@ def test_webhook_to_published_image(tmp_path):
                       IMAGEBOT_PLATFORMS="linux/amd64,linux/arm64",
                       IMAGEBOT_REGISTRY=f"{services['IMAGEBOT_TEST_REGISTRY']}/e2e{free_port()}",
                       IMAGEBOT_REGISTRY_USERNAME=services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
-                      IMAGEBOT_REGISTRY_PASSWORD=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"])
+                      IMAGEBOT_REGISTRY_PASSWORD=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
+                      IMAGEBOT_GITHUB_URL=git.url)
         bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot.log").start()
         try:
             bot.wait_healthy(url)

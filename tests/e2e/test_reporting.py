@@ -51,6 +51,8 @@ def app_env(tmp_path: Path, key, github, db_url: str, **extra: str) -> dict[str,
         "IMAGEBOT_DATABASE_URL": db_url,
         "IMAGEBOT_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
         "IMAGEBOT_GITHUB_API_URL": github.url,
+        # the web URL the deliveries' clone URLs are on (the first test's is its git server)
+        "IMAGEBOT_GITHUB_URL": "https://github.example",
         "IMAGEBOT_GITHUB_APP_ID": str(APP_ID),
         "IMAGEBOT_GITHUB_PRIVATE_KEY_PATH": str(key_file),
         "IMAGEBOT_PUBLIC_URL": "https://imagebot.example",
@@ -107,7 +109,7 @@ def test_a_real_two_platform_build_is_reported_and_no_secret_leaks(tmp_path, git
                       IMAGEBOT_REGISTRY=f"{services['IMAGEBOT_TEST_REGISTRY']}/rep{free_port()}",
                       IMAGEBOT_REGISTRY_USERNAME=services["IMAGEBOT_TEST_REGISTRY_USERNAME"],
                       IMAGEBOT_REGISTRY_PASSWORD=services["IMAGEBOT_TEST_REGISTRY_PASSWORD"],
-                      IMAGEBOT_BUILD_SECRETS_FILE=str(secrets_file))
+                      IMAGEBOT_BUILD_SECRETS_FILE=str(secrets_file), IMAGEBOT_GITHUB_URL=git.url)
         bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot.log").start()
         try:
             bot.wait_healthy(url)
