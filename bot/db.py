@@ -240,8 +240,18 @@ def _at_head(engine: Engine) -> bool:
     return current is not None and current == ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
+#: The PostgreSQL advisory lock (one per database) held while migrations run.
+MIGRATION_LOCK = 0x696D616765626F74  # "imagebot"
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (``imagebot db upgrade``; ``serve`` runs it too)."""
+    """Apply migrations up to ``revision`` (``imagebot db upgrade``; ``serve`` and ``worker``
+    run it too).
+
+    ``serve`` and ``worker`` often start together: on PostgreSQL the migrations run under an
+    advisory lock taken in their transaction, so the second waits and then finds the schema at
+    head instead of creating the same tables beside the first. (SQLite's BEGIN IMMEDIATE does
+    the same there.)"""
     from alembic import command
 
     engine = make_engine(url, writer=True)
@@ -249,6 +259,8 @@ def upgrade(url: str, revision: str = "head") -> None:
         if revision == "head" and _at_head(engine):
             return
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             config = alembic_config(url)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
