@@ -132,3 +132,40 @@ def test_concurrent_upgrades_of_a_fresh_schema_both_succeed(fresh_urls):
         with engine.connect() as conn:
             assert MigrationContext.configure(conn).get_current_revision() == head
         engine.dispose()
+
+
+def test_0005_rekeys_pending_reports_with_the_ref_and_back(fresh_urls):
+    """Reports still pending when 0005 runs get the key their builds' new reports will have, so
+    they stay in line with them; a downgrade puts the old keys back."""
+    from alembic import command
+
+    from bot.reporters import outbox
+
+    url = fresh_urls(0)
+    dbmod.upgrade(url, "0004")
+    engine = dbmod.make_engine(url, writer=True)
+    old_key = "github:acme/app@" + "a" * 40 + "#push"
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO builds (id, provider, repo, clone_url, ref, sha, kind, fork, trigger, status, platforms,"
+            " created_at, attempts) VALUES (1, 'github', 'acme/app', 'https://g/a.git', 'refs/tags/v1', :sha, 'tag',"
+            " false, 'push', 'queued', '[]', :now, 0)"), {"sha": "a" * 40, "now": utcnow().replace(tzinfo=None)})
+        for state in ("pending", "sent"):
+            conn.execute(text(
+                "INSERT INTO reports (build_id, key, status, state, created_at, next_attempt_at, attempts, done)"
+                " VALUES (1, :key, 'queued', :state, :now, :now, 0, '[]')"),
+                {"key": old_key, "state": state, "now": utcnow().replace(tzinfo=None)})
+
+    def keys() -> dict[str, str]:
+        with engine.connect() as conn:
+            return dict(conn.execute(text("SELECT state, key FROM reports")).all())
+
+    dbmod.upgrade(url)
+    assert keys() == {"pending": outbox.report_key("github", "acme/app", "a" * 40, "tag", "refs/tags/v1"),
+                      "sent": old_key}
+    with engine.begin() as conn:
+        config = dbmod.alembic_config(url)
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0004")
+    assert keys() == {"pending": old_key, "sent": old_key}
+    engine.dispose()
