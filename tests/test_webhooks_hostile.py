@@ -73,6 +73,18 @@ def test_hostile_bodies_get_a_400_naming_why(lenient, db, body, reason):
     assert db.read_sync(lambda c: c.execute(select(func.count()).select_from(builds)).scalar_one()) == 0
 
 
+@pytest.mark.parametrize(("value", "column", "problem"), [
+    ("refs/heads/main", "ref", None), ("a\x00b", "ref", "contains a NUL character"),
+    ("\ud800", None, "is not valid Unicode text (a lone surrogate)"), ("x" * 513, "ref", "is longer than 512 characters"),
+    ("x" * 513, None, None), (2**31 - 1, "pr_number", None), (2**31, "pr_number", "is out of range"),
+    (-(2**31) - 1, "installation_id", "is out of range"), (2**40, "check_run_id", None), (True, "fork", None),
+])
+def test_what_a_column_cannot_hold(value, column, problem):
+    from bot.webhooks.ingress import unstorable
+
+    assert unstorable(value, builds.c[column] if column else None) == problem
+
+
 def test_an_event_header_longer_than_its_column_gets_a_400(lenient):
     body = json.dumps(PUSH).encode()
     response = lenient.post("/webhooks/github", content=body, headers=github_headers("x" * 100, body, "d-2"))

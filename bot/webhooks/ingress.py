@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 import orjson
 from gidgethub import sansio
 from gidgethub.routing import Router
-from sqlalchemy import BigInteger, Integer, String, Table
+from sqlalchemy import BigInteger, Column, Integer, String, Table
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -180,7 +180,7 @@ _TABLES: dict[type, Table] = {DeliveryInfo: deliveries, BuildRequest: builds, Ca
 _CUT_TO_FIT = frozenset({"reason", "skip_reason"})
 
 
-def unstorable(value: str | int, column: Any) -> str | None:
+def unstorable(value: str | int, column: Column | None) -> str | None:
     """Why ``value`` cannot be stored in ``column`` (None: no column, characters only), or None."""
     if isinstance(value, str):
         if "\x00" in value:
