@@ -55,7 +55,8 @@ _ICONS = {"pushed": "✅", "built": "✅", "failed": "❌", "stopped": "⏹", "n
 
 
 #: Every ASCII punctuation character: CommonMark lets each be backslash-escaped, and escaping
-#: them all leaves no link, image, emphasis, HTML tag, entity, autolink or mention to form.
+#: them all leaves no link, image, emphasis, HTML tag, entity or autolink to form. (GitHub's
+#: own @mention and #reference linking runs on the rendered text and links within GitHub only.)
 _PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
