@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bot.api import admin, dashboard, metrics, openapi, rest, stream
@@ -43,6 +43,13 @@ async def _webhook_error(request: Request, exc: WebhookError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client closed the connection before it sent its whole request: nothing to answer
+    and nothing wrong with the bot (a forge's timeout, a proxy, a port scan)."""
+    log.debug("client went away during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -109,6 +116,7 @@ def create_app(
         ],
         exception_handlers={
             WebhookError: _webhook_error,
+            ClientDisconnect: _client_gone,
             HTTPException: _http_error,
             Exception: _internal_error,
         },

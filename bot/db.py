@@ -12,10 +12,12 @@ connections (WAL lets them run beside the writer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,17 +242,48 @@ def _at_head(engine: Engine) -> bool:
     return current is not None and current == ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
+#: The PostgreSQL advisory lock (one per database) held while migrations run.
+MIGRATION_LOCK = 0x696D616765626F74  # "imagebot"
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(url: str) -> Iterator[None]:
+    """An exclusive ``flock`` on a SQLite database file (created if missing) while held.
+
+    SQLite's own locks are POSIX byte-range locks, which ``flock`` does not touch; this one
+    only makes migrating processes take turns. (Two processes opening a fresh file at once
+    can get "database is locked" at once, before the busy timeout applies: while the first
+    turns the file into WAL mode.)"""
+    path = make_url(url).database
+    if not path or path == ":memory:":
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (``imagebot db upgrade``; ``serve`` runs it too)."""
+    """Apply migrations up to ``revision`` (``imagebot db upgrade``; ``serve`` and ``worker``
+    run it too).
+
+    ``serve`` and ``worker`` often start together: the migrations run under a lock, so the
+    second waits and then finds the schema at head instead of creating the same tables beside
+    the first. On PostgreSQL it is an advisory lock taken in the migration's transaction; on
+    SQLite a lock on the database file."""
     from alembic import command
 
     engine = make_engine(url, writer=True)
     try:
-        if revision == "head" and _at_head(engine):
-            return
-        with engine.begin() as conn:
-            config = alembic_config(url)
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
+        with _sqlite_file_lock(url) if make_url(url).get_backend_name() == "sqlite" else contextlib.nullcontext():
+            if revision == "head" and _at_head(engine):
+                return
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                config = alembic_config(url)
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
     finally:
         engine.dispose()

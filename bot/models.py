@@ -59,10 +59,15 @@ class BuildKind(str, enum.Enum):
 
 
 class Delivery(SQLModel, table=True):
-    """One webhook delivery as received; redeliveries (same id) are recognised by the key."""
+    """One webhook delivery as received; redeliveries (same id) are recognised by the key, and
+    replays of a push or pull/merge request body under a new id by the body's digest."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("provider", "delivery_id", name="uq_delivery"),)
+    __table_args__ = (
+        UniqueConstraint("provider", "delivery_id", name="uq_delivery"),
+        # NULLs never collide (both databases): deliveries exempt from body dedupe store none.
+        Index("uq_deliveries_provider_body", "provider", "body_sha256", unique=True),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     provider: str = Field(sa_column=Column(String(16), nullable=False))
@@ -76,6 +81,9 @@ class Delivery(SQLModel, table=True):
     outcome: str = Field(sa_column=Column(String(16), nullable=False))
     reason: str | None = Field(default=None, sa_column=Column(String(500)))
     build_id: int | None = Field(default=None, foreign_key="builds.id")
+    #: SHA-256 of the verified body of a push, tag or pull/merge request delivery (None for
+    #: re-run requests, which may repeat a body on purpose, and for what builds nothing).
+    body_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
 
 
 class Build(SQLModel, table=True):
@@ -157,7 +165,7 @@ class Report(SQLModel, table=True):
     as the build change it reports, so a report can never be lost, only delayed.
 
     ``status`` is the build status being reported, or ``progress`` for an interim check-run
-    update. Rows with the same ``key`` (forge, repository, commit, context) are delivered one
+    update. Rows with the same ``key`` (forge, repository, commit, context, ref) are delivered one
     at a time, in id order; ``done`` lists the targets (``status``, ``check_run``) that took
     this row already, so a retry or a restart never sends a target twice.
     """
@@ -173,7 +181,9 @@ class Report(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     build_id: int = Field(foreign_key="builds.id", nullable=False)
-    key: str = Field(sa_column=Column(String(800), nullable=False))
+    #: bot.reporters.outbox.REPORT_KEY: forge, repository, commit, context and ref (≤ 16 + 255 +
+    #: 64 + 12 + 512 characters and separators).
+    key: str = Field(sa_column=Column(String(1024), nullable=False))
     status: str = Field(sa_column=Column(String(16), nullable=False))
     state: ReportState = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = Field(sa_column=_time(nullable=False))

@@ -73,11 +73,14 @@ class DeliveryInfo:
     event: str
     action: str | None
     repo: str | None
+    #: SHA-256 (hex) of the verified body, as received; None where nobody computed it.
+    body_sha256: str | None = None
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """What recording a delivery did; ``duplicate`` means an earlier delivery had this id."""
+    """What recording a delivery did; ``duplicate`` means an earlier delivery had this id, or
+    (``duplicate_of`` names it) the same body under another id: a replay."""
 
     outcome: str
     reason: str | None = None
@@ -85,6 +88,28 @@ class Recorded:
     duplicate: bool = False
     superseded: list[int] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
+    duplicate_of: str | None = None
+
+
+#: Triggers that ask for a build again on purpose: a second click of Re-run (or Retry) may
+#: send a byte-identical body and must build again, so their bodies are never deduped.
+RERUN_TRIGGERS = frozenset({"check_run", "check_suite"})
+
+
+def replay_digest(delivery: DeliveryInfo, decision: Decision) -> str | None:
+    """The body digest a delivery is deduped by besides its id, or None (exempt).
+
+    The forge's signature covers the body only, so a captured push, tag or pull/merge request
+    body is valid forever; sent again under a fresh delivery id it would rebuild an old commit
+    and roll its tags back. Those deliveries (builds and ref deletions) are recognised by their
+    body; GitHub's own redeliveries keep both id and body, so they are recognised either way.
+    """
+    match decision:
+        case BuildRequest(trigger=trigger) if trigger not in RERUN_TRIGGERS:
+            return delivery.body_sha256
+        case CancelRef():
+            return delivery.body_sha256
+    return None
 
 
 # -- webhook side -----------------------------------------------------------------------------
@@ -109,11 +134,13 @@ class Incoming:
 
 _EARLIER_DELIVERIES = select(
     deliveries.c.provider, deliveries.c.delivery_id, deliveries.c.outcome,
-    deliveries.c.reason, deliveries.c.build_id,
+    deliveries.c.reason, deliveries.c.build_id, deliveries.c.body_sha256,
 ).where(
-    # provider first: the unique index on (provider, delivery_id) answers this
+    # provider first: the unique indexes on (provider, delivery_id) and (provider, body_sha256)
+    # answer this
     deliveries.c.provider == bindparam("provider"),
-    deliveries.c.delivery_id.in_(bindparam("ids", expanding=True)),
+    or_(deliveries.c.delivery_id.in_(bindparam("ids", expanding=True)),
+        deliveries.c.body_sha256.in_(bindparam("digests", expanding=True))),
 )
 _INSERT_BUILDS = insert(builds).returning(builds.c.id, sort_by_parameter_order=True)
 _INSERT_DELIVERIES = insert(deliveries)
@@ -162,40 +189,67 @@ def record_delivery(
 
 
 def record_deliveries(conn: Connection, batch: list[Incoming]) -> list[Recorded]:
-    """Store deliveries and what they cause, as if one after the other, in few statements."""
-    earlier = _earlier_deliveries(conn, batch)
-    first_of: dict[tuple[str, str], int] = {}
+    """Store deliveries and what they cause, as if one after the other, in few statements.
+
+    A delivery seen before (its id, or for the deliveries :func:`replay_digest` covers, its
+    body) changes nothing and is not stored again: it is answered as the first one was."""
+    digests = [replay_digest(i.delivery, i.decision) for i in batch]
+    earlier = _earlier_deliveries(conn, batch, digests)
+    firsts: dict[_Seen, int] = {}  # what this batch's fresh deliveries are recognised by
+    repeats: dict[int, _Seen] = {}
     fresh: list[int] = []
     for i, incoming in enumerate(batch):
-        key = (incoming.delivery.provider, incoming.delivery.delivery_id)
-        if incoming.delivery.delivery_id is None or (key not in earlier and key not in first_of):
-            if incoming.delivery.delivery_id is not None:
-                first_of[key] = i
+        keys = _seen_as(incoming.delivery, digests[i])
+        seen = next((k for k in keys if k in earlier or k in firsts), None)
+        if seen is None:
+            firsts.update(dict.fromkeys(keys, i))
             fresh.append(i)
+        else:
+            repeats[i] = seen
 
     build_ids = _insert_builds(conn, [batch[i] for i in fresh])
     results = _apply_in_order(conn, batch, fresh, build_ids)
     if fresh:
-        conn.execute(_INSERT_DELIVERIES, [_delivery_row(batch[i], results[i]) for i in fresh])
+        conn.execute(_INSERT_DELIVERIES, [_delivery_row(batch[i], results[i], digests[i]) for i in fresh])
 
-    for i, incoming in enumerate(batch):
-        if i not in results:  # a redelivery: of an earlier batch, or earlier in this one
-            key = (incoming.delivery.provider, incoming.delivery.delivery_id)
-            original = earlier.get(key) or results[first_of[key]]
-            results[i] = Recorded(original.outcome, original.reason, original.build_id, duplicate=True)
+    for i, seen in repeats.items():  # of an earlier batch, or earlier in this one
+        if seen in earlier:
+            original, first_id = earlier[seen]
+        else:
+            original, first_id = results[firsts[seen]], batch[firsts[seen]].delivery.delivery_id
+        results[i] = Recorded(original.outcome, original.reason, original.build_id, duplicate=True,
+                              duplicate_of=first_id if seen[0] == "body" else None)
     return [results[i] for i in range(len(batch))]
 
 
-def _earlier_deliveries(conn: Connection, batch: list[Incoming]) -> dict[tuple[str, str], Recorded]:
-    ids_by_provider: dict[str, set[str]] = {}
-    for incoming in batch:
-        if incoming.delivery.delivery_id is not None:
-            ids_by_provider.setdefault(incoming.delivery.provider, set()).add(incoming.delivery.delivery_id)
-    return {
-        (row.provider, row.delivery_id): Recorded(row.outcome, row.reason, row.build_id)
-        for provider, ids in ids_by_provider.items()
-        for row in conn.execute(_EARLIER_DELIVERIES, {"provider": provider, "ids": sorted(ids)})
-    }
+#: How a delivery is recognised again: ("id", provider, delivery id) or ("body", provider, digest).
+_Seen = tuple[str, str, str]
+
+
+def _seen_as(delivery: DeliveryInfo, digest: str | None) -> list[_Seen]:
+    keys = [("id", delivery.provider, delivery.delivery_id)] if delivery.delivery_id is not None else []
+    return keys + ([("body", delivery.provider, digest)] if digest is not None else [])
+
+
+def _earlier_deliveries(
+    conn: Connection, batch: list[Incoming], digests: list[str | None]
+) -> dict[_Seen, tuple[Recorded, str | None]]:
+    """Stored deliveries the batch repeats, each with the id of the stored delivery."""
+    wanted: dict[str, set[_Seen]] = {}
+    for incoming, digest in zip(batch, digests, strict=True):
+        wanted.setdefault(incoming.delivery.provider, set()).update(_seen_as(incoming.delivery, digest))
+    earlier: dict[_Seen, tuple[Recorded, str | None]] = {}
+    for provider, keys in wanted.items():
+        if not keys:
+            continue
+        ids = sorted(k[2] for k in keys if k[0] == "id")
+        bodies = sorted(k[2] for k in keys if k[0] == "body")
+        for row in conn.execute(_EARLIER_DELIVERIES, {"provider": provider, "ids": ids, "digests": bodies}):
+            recorded = (Recorded(row.outcome, row.reason, row.build_id), row.delivery_id)
+            for key in (("id", provider, row.delivery_id), ("body", provider, row.body_sha256)):
+                if key in keys:
+                    earlier[key] = recorded
+    return earlier
 
 
 def _insert_builds(conn: Connection, batch: list[Incoming]) -> dict[int, int]:
@@ -233,7 +287,7 @@ def _apply_in_order(
         if isinstance(d, CancelRef) or (isinstance(d, BuildRequest) and not d.skip_reason)
     ]
     queued: dict[tuple[str, str, str], list[int]] = {}
-    facts: dict[int, tuple[str, str, str, str, str]] = {}  # build id -> what its report key needs
+    facts: dict[int, tuple[str, str, str, str, str, str]] = {}  # build id -> its report key's parts, trigger
     running: list[int] = []  # ended while running: they may owe interim updates
     if touched:
         new = set(build_ids.values())  # the batch's own builds join the queue in order below
@@ -243,7 +297,7 @@ def _apply_in_order(
         for row in rows:
             if row.id not in new:
                 queued.setdefault((row.provider, row.repo, row.ref), []).append(row.id)
-                facts[row.id] = (row.provider, row.repo, row.sha, row.kind, row.trigger)
+                facts[row.id] = (row.provider, row.repo, row.sha, row.kind, row.ref, row.trigger)
                 if row.status == BuildStatus.running.value:
                     running.append(row.id)
 
@@ -255,7 +309,7 @@ def _apply_in_order(
         owed_before = len(owed)
         if isinstance(decision, BuildRequest):
             facts[build_ids[n]] = (decision.provider, decision.repo, decision.sha, decision.kind.value,
-                                   decision.trigger)
+                                   decision.ref, decision.trigger)
         match decision:
             case BuildRequest(skip_reason=str(reason)):
                 owed.append((build_ids[n], BuildStatus.skipped.value))
@@ -285,8 +339,8 @@ def _apply_in_order(
     if endings:
         conn.execute(_END_BUILD, endings)
     if owed:  # keyed here, from what the batch already knows (an INSERT ... SELECT per row costs double)
-        outbox.owe_keyed(conn, [(b, outbox.report_key(*facts[b][:4]), status) for b, status in owed
-                                if facts[b][4] != "cli"], batch[fresh[-1]].received_at, running)
+        outbox.owe_keyed(conn, [(b, outbox.report_key(*facts[b][:5]), status) for b, status in owed
+                                if facts[b][5] != "cli"], batch[fresh[-1]].received_at, running)
     return results
 
 
@@ -303,9 +357,10 @@ def _ending(build_id: int, status: BuildStatus, message: str, now: datetime) -> 
     return {"w_id": build_id, "w_status": status.value, "w_now": now, "w_message": message[:2000]}
 
 
-def _delivery_row(incoming: Incoming, recorded: Recorded) -> dict:
+def _delivery_row(incoming: Incoming, recorded: Recorded, digest: str | None) -> dict:
     delivery = incoming.delivery
     return {
+        "body_sha256": digest,
         "provider": delivery.provider,
         "delivery_id": delivery.delivery_id,
         "event": delivery.event,

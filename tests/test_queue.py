@@ -142,7 +142,8 @@ def test_queue_depth(db):
 
 
 def _random_stream(seed: int, length: int = 40) -> list[queue.Incoming]:
-    """Pushes, deletions, skips, pings and redeliveries over a few refs, in random order."""
+    """Pushes, deletions, skips, pings, redeliveries and replays (the same body under another
+    id) over a few refs, in random order."""
     import random
 
     rng = random.Random(seed)
@@ -161,7 +162,8 @@ def _random_stream(seed: int, length: int = 40) -> list[queue.Incoming]:
         else:
             decision = queue.Ignore("event 'x' does not build")
         delivery_id = rng.choice([f"id-{n}", f"id-{n}", f"id-{rng.randrange(max(n, 1))}", None])
-        info = queue.DeliveryInfo("github", delivery_id, "push", None, "acme/app")
+        body = rng.choice([f"{n:064x}", f"{n:064x}", f"{rng.randrange(max(n, 1)):064x}"])
+        info = queue.DeliveryInfo("github", delivery_id, "push", None, "acme/app", body)
         stream.append(queue.Incoming(info, decision, ["linux/amd64"], T0 + timedelta(seconds=n)))
     return stream
 
@@ -203,6 +205,7 @@ def test_a_batch_records_exactly_what_one_by_one_would(db):
         assert got == want, f"seed {seed}"
         assert got_state == _snapshot(db), f"seed {seed}"
         assert any(r.duplicate for r in got) and any(r.superseded for r in got)
+        assert any(r.duplicate_of for r in got) and any(r.duplicate and not r.duplicate_of for r in got)
         assert any(r.cancelled for r in got) and any(r.outcome == "skipped" for r in got)
         _reset(db.url)
 

@@ -72,8 +72,8 @@ def test_registry_text_cannot_break_the_table_or_the_fence():
         event("build_failed", duration_s=2.0, error_kind="denied", error_message="```\nboom", step="push"),
     ]
     text = summary_markdown(summarize(events, P), "u", "head")
-    assert "push denied: denied: \\| nope second line" in text
-    assert "```\n'''\nboom\n```" in text
+    assert "push denied\\: denied\\: \\| nope second line" in text
+    assert "````\n```\nboom\n````" in text  # a longer fence: the message is shown as it is
 
 
 def test_platforms_never_started_still_have_a_row():
@@ -117,3 +117,55 @@ def test_build_retries_are_named_apart_from_push_retries():
                   detail="reset")]
     rows = [line for line in summary_markdown(summarize(seen, P), "u", "head").splitlines() if line.startswith("| `linux")]
     assert "| build 1 (auth); push 1 (network) |" in rows[0] and "| build 1 (network) |" in rows[1]
+
+
+# -- untrusted text is shown as text -------------------------------------------------------------
+
+#: An error message as a hostile Dockerfile, registry or git could print it.
+HOSTILE = ("[log in again](https://evil.example/login) ![pixel](https://evil.example/p.png) "
+           "<img src=https://evil.example/i.png> <a href=https://evil.example>x</a> https://evil.example/auto "
+           "www.evil.example **bold** `code` &amp; | pipe\n# heading\n```\n````")
+
+
+def _rendered(markdown: str) -> str:
+    """The Markdown as GitHub renders it (cmark-gfm, GitHub's own parser, with its extensions)."""
+    import cmarkgfm
+
+    return cmarkgfm.github_flavored_markdown_to_html(markdown)
+
+
+def _links_and_images(html: str) -> list[str]:
+    import re
+
+    return re.findall(r"<(?:a|img)\b[^>]*>", html)
+
+
+def test_markdown_in_an_error_is_escaped_in_the_check_run():
+    events = [
+        event("push_failed", "linux/arm64", tag="r/a:t", kind="denied", attempts=1, retries=0, detail=HOSTILE),
+        event("build_failed", duration_s=2.0, error_kind="build", error_message=HOSTILE, step="build"),
+    ]
+    body = check_run_body(facts(BuildStatus.failed), "failed", f"Failed (build): {HOSTILE}", events,
+                          [{"platform": "linux/arm64", "line": HOSTILE}], "https://ci.example/builds/9")
+    summary = _rendered(body["output"]["summary"])
+    assert _links_and_images(summary) == ['<a href="https://ci.example/builds/9">']  # the build page only
+    assert "<strong>bold</strong>" not in summary and "<h1>" not in summary
+    assert "&lt;img src=https://evil.example/i.png&gt;" in summary  # shown, not made an image
+    assert summary.count("<table>") == 1 and "<td>" in summary  # the pipe did not break the table
+    text = _rendered(body["output"]["text"])
+    assert _links_and_images(text) == [] and text.count("</pre>") == 1  # one block: no line closed it
+
+
+@pytest.mark.parametrize("message", [HOSTILE, "plain words", "a ``` b", "`", "|", ""])
+def test_escaped_text_reads_back_as_written(message):
+    """Escaping changes how text is written, never what a reader sees."""
+    import html
+    import re
+
+    from bot.reporters.check_run import _code, _text
+
+    shown = " ".join(message.split())
+    for markdown in (_text(message), _code(message)):
+        rendered = _rendered(f"| x |\n| --- |\n| {markdown} |") if markdown else ""
+        cell = re.search(r"<td>(.*)</td>", rendered, re.S)
+        assert html.unescape(re.sub(r"</?code>", "", cell.group(1) if cell else "")) == shown

@@ -47,9 +47,20 @@ def test_a_queued_build_owes_a_report_keyed_by_commit_and_context(db):
     push = deliver(db, request())
     pr = deliver(db, request(ref="refs/pull/7/head", kind=BuildKind.pull_request, pr_number=7))
     assert owed(db) == [
-        (push.build_id, "queued", f"github:acme/app@{SHA_A}#push"),
-        (pr.build_id, "queued", f"github:acme/app@{SHA_A}#pull_request"),
+        (push.build_id, "queued", f"github:acme/app@{SHA_A}#push:refs/heads/main"),
+        (pr.build_id, "queued", f"github:acme/app@{SHA_A}#pull_request:refs/pull/7/head"),
     ]
+
+
+def test_a_branch_build_and_a_tag_build_of_one_commit_are_keyed_apart(db):
+    """A tag pushed at a branch's head is a second build of the same commit: its reports are
+    its own, and neither build's wait behind the other's."""
+    branch = deliver(db, request())
+    tag = deliver(db, request(ref="refs/tags/v1.0.0", kind=BuildKind.tag))
+    keys = {build: key for build, _, key in owed(db)}
+    assert keys[branch.build_id] != keys[tag.build_id]
+    assert keys[tag.build_id] == f"github:acme/app@{SHA_A}#push:refs/tags/v1.0.0"
+    assert sorted(h.build_id for h in claim(db)) == [branch.build_id, tag.build_id]  # both first in line
 
 
 def test_superseding_owes_the_old_builds_end_before_the_new_builds_start(db):
@@ -160,9 +171,12 @@ def test_the_key_made_in_python_is_the_key_made_in_sql(db):
 
     pr = deliver(db, request(ref="refs/pull/7/head", kind=BuildKind.pull_request, pr_number=7))
     push = deliver(db, request(sha=SHA_B))
+    tag = deliver(db, request(sha=SHA_B, ref="refs/tags/v1", kind=BuildKind.tag))
     in_sql = db.read_sync(lambda c: dict(c.execute(select(builds_table.c.id, outbox.REPORT_KEY)).all()))
-    assert in_sql == {pr.build_id: outbox.report_key("github", "acme/app", SHA_A, "pull_request"),
-                      push.build_id: outbox.report_key("github", "acme/app", SHA_B, "branch")}
+    assert in_sql == {pr.build_id: outbox.report_key("github", "acme/app", SHA_A, "pull_request", "refs/pull/7/head"),
+                      push.build_id: outbox.report_key("github", "acme/app", SHA_B, "branch", "refs/heads/main"),
+                      tag.build_id: outbox.report_key("github", "acme/app", SHA_B, "tag", "refs/tags/v1")}
+    assert len(set(in_sql.values())) == 3
     assert {key for _, _, key in owed(db)} == set(in_sql.values())
 
 

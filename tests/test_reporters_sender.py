@@ -193,7 +193,7 @@ def test_a_failing_push_names_the_error_kind(db, github, key):
     assert run["output"]["title"].startswith("Failed (auth): linux/amd64: unauthorized")
     summary = run["output"]["summary"]
     assert "**Failed** at step `push`, error kind `auth`" in summary
-    assert "push auth: unauthorized: authentication required" in summary
+    assert "push auth\\: unauthorized\\: authentication required" in summary  # escaped: shown as text
     assert github.statuses[("acme", "app", build.sha)][-1]["state"] == "error"
     final = github.check_run_history[run["id"]][-1]
     assert final["status"] == "completed"

@@ -210,7 +210,9 @@ def test_new_build_supersedes_queued_builds_of_the_same_ref(client, db):
     other = copy.deepcopy(payload)  # derived: a push to another branch
     other["ref"] = "refs/heads/feature"
     post_github(client, "push", other, delivery="b")
-    second = post_github(client, "push", payload, delivery="c").json()
+    newer = copy.deepcopy(payload)  # derived: the next push to the same branch
+    newer["before"], newer["after"] = payload["after"], "f" * 40
+    second = post_github(client, "push", newer, delivery="c").json()
     assert second["superseded"] == [first["build_id"]]
     rows = {r.id: r for r in db.read_sync(lambda conn: list(conn.execute(select(builds))))}
     assert len(rows) == 3  # each accepted push has its own row

@@ -134,19 +134,23 @@ def test_dedupe_by_idempotency_key_or_event_uuid(client, db):
                "x-gitlab-event-uuid": "e-1", "content-type": "application/json"}
     import json
 
+    payload["after"] = payload["checkout_sha"] = "f" * 40  # derived: another push
     body = json.dumps(payload).encode()
     assert client.post("/webhooks/gitlab", content=body, headers=headers).status_code == 201
     assert client.post("/webhooks/gitlab", content=body, headers=headers).json()["duplicate"] is True
     assert _count(db, builds) == 2 and _count(db, deliveries) == 2
 
 
-def test_without_a_delivery_id_every_delivery_counts(client, db):
+def test_without_a_delivery_id_every_push_counts_but_the_same_body_is_a_replay(client, db):
     payload = gitlab_payload("push")
     assert post_gitlab(client, "Push Hook", payload).status_code == 201
-    second = post_gitlab(client, "Push Hook", payload)
+    newer = {**payload, "after": "f" * 40, "checkout_sha": "f" * 40}  # derived: the next push
+    second = post_gitlab(client, "Push Hook", newer)
     assert second.status_code == 201 and second.json()["duplicate"] is False
-    assert _count(db, deliveries) == 2
     assert second.json()["superseded"] == [1]
+    replay = post_gitlab(client, "Push Hook", payload)  # the first body again: it would roll back
+    assert replay.status_code == 200 and replay.json()["duplicate"] is True
+    assert _count(db, deliveries) == 2 and _count(db, builds) == 2
 
 
 def test_wrong_token(client, db):

@@ -104,13 +104,14 @@ _ADMIN = {
 _DELIVERY = {
     "type": "object",
     "properties": {"delivery": _NULL_STR, "duplicate": {"type": "boolean"},
+                   "duplicate_of": {**_NULL_STR, "description": "a replay: the delivery that first carried this body"},
                    "outcome": {"enum": ["queued", "skipped", "cancelled", "ping", "ignored"]},
                    "reason": _STR, "build_id": _INT, "superseded": {"type": "array", "items": _INT},
                    "cancelled": {"type": "array", "items": _INT}},
     "required": ["delivery", "duplicate", "outcome"],
 }
 _WEBHOOK_RESPONSES = {
-    "200": _json(_DELIVERY, "a redelivery, a ping or a cancelling deletion"),
+    "200": _json(_DELIVERY, "a redelivery or a replayed body, a ping or a cancelling deletion"),
     "201": _json(_DELIVERY, "a build was queued (or recorded as skipped)"),
     "202": _json(_DELIVERY, "nothing to build; the reason says why"),
     "400": _json(_ref("WebhookError"), "missing headers or a malformed payload"),

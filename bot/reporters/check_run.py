@@ -9,6 +9,7 @@ limits are respected here, where the text is made: 65,535 characters for ``summa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,9 +54,40 @@ def summarize(events: list[dict[str, Any]], platforms: list[str]) -> Summary:
 _ICONS = {"pushed": "✅", "built": "✅", "failed": "❌", "stopped": "⏹", "not_built": "⏹"}
 
 
-def _cell(text: str) -> str:
-    """Table cells hold registry text too: no pipes or newlines may break the table."""
-    return " ".join(text.replace("|", "\\|").split())
+#: Every ASCII punctuation character: CommonMark lets each be backslash-escaped, and escaping
+#: them all leaves no link, image, emphasis, HTML tag, entity or autolink to form. (GitHub's
+#: own @mention and #reference linking runs on the rendered text and links within GitHub only.)
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _text(text: str) -> str:
+    """Untrusted text (registry answers, error messages) as literal Markdown on one line.
+
+    An error message is whatever a registry, git or a Dockerfile printed: it must not add
+    links or images (which GitHub would fetch) or HTML to the check run; and since it may sit
+    in a table cell, no newline may break the table (GitHub reads ``\\|`` as a pipe there)."""
+    return "".join(f"\\{c}" if c in _PUNCTUATION else c for c in " ".join(text.split()))
+
+
+def _code(text: str) -> str:
+    """``text`` as an inline code span (nothing inside is Markdown), safe in a table cell: the
+    delimiter is a backtick run longer than any inside, pipes are escaped as tables need."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    if not text:
+        return ""
+    ticks = "`" * (_longest_backticks(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def _longest_backticks(text: str) -> int:
+    return max(map(len, re.findall("`+", text)), default=0)
+
+
+def _fence(text: str) -> str:
+    """The fence of a code block holding ``text`` as it is: longer than any backtick run in it,
+    so no line of the text can close the block early."""
+    return "`" * max(3, _longest_backticks(text) + 1)
 
 
 def _size(size: int | None) -> str:
@@ -90,8 +122,8 @@ def _platform_row(r: dict[str, Any]) -> str:
     state = "not pushed" if r["push_skipped"] else r["status"].replace("_", " ")
     duration = (r["build_duration_s"] or 0) + (r["push_duration_s"] or 0)
     cells = [
-        f"`{r['platform']}`", f"{_ICONS.get(r['status'], '⏳')} {state}",
-        f"`{_cell(r['tag'])}`" if r["tag"] else "—", f"`{r['digest']}`" if r["digest"] else "—",
+        _code(r["platform"]), f"{_ICONS.get(r['status'], '⏳')} {state}",
+        _code(r["tag"]) if r["tag"] else "—", _code(r["digest"]) if r["digest"] else "—",
         _size(r["size"]), str(r["push_attempts"] or "—"), _retries(r),
         ", ".join(_REFRESHED[o] for o in r["refresh_outcomes"]) or "—",
         f"{duration:.1f} s" if duration else "—",
@@ -111,27 +143,24 @@ def summary_markdown(built: Summary, build_url: str, head: str) -> str:
     if built.manifest and built.manifest["status"] == "published":
         m = built.manifest
         kind = "OCI image index" if "oci" in m["media_type"] else "Manifest list"
-        lines.append(f"**{kind}** `{m['digest']}` over {', '.join(m['platforms'])}"
+        lines.append(f"**{kind}** {_code(m['digest'])} over {_text(', '.join(m['platforms']))}"
                      + (" (partial)" if m["partial"] else ""))
-        lines += [f"- `{_cell(tag)}`" for tag in m["tags"]] + [""]
+        lines += [f"- {_code(tag)}" for tag in m["tags"]] + [""]
     if built.manifest and built.manifest["retries"]:
         lines += [f"Manifest retries: {built.manifest['retries']}", ""]
     if built.failure:
         f = built.failure
-        lines += [f"**Failed** at step `{f.get('step') or 'unknown'}`, error kind `{f['error_kind']}`", "",
-                  "```", _fence_safe(f["error_message"]), "```", ""]
+        fence = _fence(f["error_message"])
+        lines += [f"**Failed** at step {_code(f.get('step') or 'unknown')}, error kind {_code(f['error_kind'])}",
+                  "", fence, f["error_message"], fence, ""]
     for r in built.platforms:
         if r["error"]:
             e = r["error"]
-            lines.append(f"- `{r['platform']}`: " + _cell(f"{e['step']} {e['kind']}: {e['message']}"))
+            lines.append(f"- {_code(r['platform'])}: " + _text(f"{e['step']} {e['kind']}: {e['message']}"))
     if built.duration_s is not None:
         lines.append(f"\nTook {built.duration_s:.1f} s.")
     lines.append(f"\n[Build page]({build_url})")
     return _fit("\n".join(lines))
-
-
-def _fence_safe(text: str) -> str:
-    return text.replace("```", "'''")
 
 
 def _fit(text: str) -> str:
@@ -146,11 +175,11 @@ def log_text(lines: list[dict[str, Any]]) -> str | None:
     if not lines:
         return None
     shown = [f"[{ln['platform'] or 'build'}] {ln['line']}" for ln in lines[-LOG_TAIL_LINES:]]
-    header, footer = "Last lines of the build log:\n\n```text\n", "\n```"
+    fence = _fence("\n".join(shown))
+    header, footer = f"Last lines of the build log:\n\n{fence}text\n", f"\n{fence}"
     budget = TEXT_LIMIT - len(header) - len(footer)
     kept: list[str] = []
     for line in reversed(shown):
-        line = _fence_safe(line)
         if len(line) + 1 > budget:
             break
         kept.append(line)
@@ -213,8 +242,8 @@ def check_run_body(build: BuildFacts, reported: str, title: str, events: list[di
             del body["completed_at"]
         if status is not BuildStatus.succeeded:
             body["actions"] = [RETRY_ACTION]
-    head = f"**{title}**" + (f"\n\n{build.error_message}" if reported == BuildStatus.skipped.value
-                             and build.error_message else "")
+    head = f"**{_text(title)}**" + (f"\n\n{_text(build.error_message)}" if reported == BuildStatus.skipped.value
+                                    and build.error_message else "")
     body["output"] = {"title": title[:255], "summary": summary_markdown(built, build_url, head)}
     text = log_text(log)
     if text:

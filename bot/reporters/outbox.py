@@ -3,7 +3,7 @@
 Whoever changes a build (ingress queuing, skipping, superseding or cancelling it; the worker
 starting or finishing it; lease recovery failing it) calls :func:`owe` on the same connection,
 so the change and the promise to report it commit together or not at all. The sender
-(bot.reporters.sender) then delivers the rows: per ``key`` (forge, repository, commit, context)
+(bot.reporters.sender) then delivers the rows: per ``key`` (forge, repository, commit, context, ref)
 strictly in id order, one at a time, under a lease, so several bot processes can send without
 ever reordering or doubling a report.
 
@@ -37,10 +37,12 @@ PROGRESS_EVENTS = frozenset({
 #: What orders reports: statuses of one commit and context replace each other on the forge,
 #: so they must arrive in the order they were written. A pull request's build reports under
 #: its own context (as GitHub Actions' "(pull_request)" checks do): a push and a pull request
-#: of one commit are two builds, and one must not overwrite the other's status.
+#: of one commit are two builds, and one must not overwrite the other's status. The ref ends
+#: the key: a branch build and a tag build of one commit are two builds too (GitLab keeps a
+#: status per ref), and neither's reports wait behind the other's.
 REPORT_KEY = (
     builds.c.provider + ":" + builds.c.repo + "@" + builds.c.sha + "#"
-    + case((builds.c.kind == "pull_request", "pull_request"), else_="push")
+    + case((builds.c.kind == "pull_request", "pull_request"), else_="push") + ":" + builds.c.ref
 )
 
 @functools.cache
@@ -80,9 +82,9 @@ def report_to(settings: Settings) -> frozenset[str]:
     return frozenset(forges)
 
 
-def report_key(provider: str, repo: str, sha: str, kind: str) -> str:
+def report_key(provider: str, repo: str, sha: str, kind: str, ref: str) -> str:
     """:data:`REPORT_KEY`, for a build whose columns are at hand."""
-    return f"{provider}:{repo}@{sha}#{'pull_request' if kind == 'pull_request' else 'push'}"
+    return f"{provider}:{repo}@{sha}#{'pull_request' if kind == 'pull_request' else 'push'}:{ref}"
 
 
 def progress_to(settings: Settings) -> frozenset[str]:

@@ -173,12 +173,13 @@ def test_concurrent_deliveries_with_redeliveries(db_url, tmp_path):
     server = BotProcess(["serve", "--port", str(port), "--no-worker"], bot_env(db_url), tmp_path / "s.log")
     server.start().wait_healthy(url)
     rng = random.Random(7)
-    bodies = {}
-    for ref in ("refs/heads/a", "refs/heads/b"):
+    refs = ("refs/heads/a", "refs/heads/b")
+    bodies = {}  # each push its own commit: the same body under another id would be a replay
+    for n in range(160):
         payload = github_payload("push.payload.4")
-        payload["ref"] = ref
-        bodies[ref] = json.dumps(payload).encode()
-    sends = [(f"c-{n}", rng.choice(list(bodies))) for n in range(160)]
+        payload["ref"], payload["after"] = rng.choice(refs), f"{n:040x}"
+        bodies[f"c-{n}"] = json.dumps(payload).encode()
+    sends = [(delivery, json.loads(body)["ref"]) for delivery, body in bodies.items()]
     sends += [rng.choice(sends[:160]) for _ in range(40)]
     rng.shuffle(sends)
 
@@ -186,7 +187,7 @@ def test_concurrent_deliveries_with_redeliveries(db_url, tmp_path):
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
             async def one(delivery, ref):
-                body = bodies[ref]
+                body = bodies[delivery]
                 response = await client.post("/webhooks/github", content=body,
                                              headers=github_headers("push", body, delivery))
                 return delivery, ref, response.status_code, response.json()
@@ -207,7 +208,7 @@ def test_concurrent_deliveries_with_redeliveries(db_url, tmp_path):
         if body["duplicate"]:
             assert status == 200 and body["build_id"] == firsts[delivery]
     assert len(builds_by_id) == 160
-    for ref in bodies:
+    for ref in refs:
         statuses = [b["status"] for b in builds_by_id.values() if b["ref"] == ref]
         assert statuses.count("queued") == 1 and set(statuses) <= {"queued", "superseded"}
 
