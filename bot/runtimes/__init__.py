@@ -129,6 +129,9 @@ class BuildJob:
     build_id: int | None = None
     #: Whether a push follows the build (untrusted builds never push).
     push: bool = False
+    #: Not a fork's pull request (bot.pipeline.run.Plan.trusted). An untrusted job always
+    #: pulls its bases, anonymously; the default is the safe side.
+    trusted: bool = False
     #: Build-arg values to keep out of every spec, argv and log.
     secrets: tuple[str, ...] = ()
 
@@ -168,4 +171,4 @@ def runtime_for(settings: Settings) -> Runtime:
         return KubernetesRuntime(settings)
     from bot.runtimes.docker import DockerRuntime
 
-    return DockerRuntime(int(settings.build_timeout_seconds))
+    return DockerRuntime.from_settings(settings)

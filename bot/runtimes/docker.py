@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
+import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import docker
+import requests
 from docker import auth as docker_auth
 from docker.errors import APIError, DockerException
 
@@ -25,7 +30,13 @@ from bot.pipeline.push import RegistryError
 from bot.pipeline.tags import platform_parts
 from bot.runtimes import BuildError, BuildJob, LogSink, PullError, Pushed, last_step, pull_failure
 
+if TYPE_CHECKING:
+    from bot.settings import Settings
+
 __all__ = ["BuildError", "BuildJob", "DockerRuntime", "PullError", "Pushed"]
+
+#: A Dockerfile larger than this is not read for its FROM lines (the engine still gets it).
+MAX_DOCKERFILE_BYTES = 1024 * 1024
 
 class _Engine(docker.APIClient):
     """An engine client that sends exactly the registry credentials it was given.
@@ -34,8 +45,11 @@ class _Engine(docker.APIClient):
     which would hand the bot's own credentials to builds that must not have any.
     """
 
-    def __init__(self, registry_auth: dict[str, Credentials] | None = None, **kwargs: Any) -> None:
+    def __init__(self, registry_auth: dict[str, Credentials] | None = None,
+                 build_params: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        #: /build query parameters docker-py has no argument for (the CPU quota)
+        self._build_params = build_params or {}
         self._registry_auth = {
             host: {"username": c.username, "password": c.password.get_secret_value(), "serveraddress": host}
             for host, c in (registry_auth or {}).items()
@@ -48,6 +62,8 @@ class _Engine(docker.APIClient):
             headers["X-Registry-Config"] = docker_auth.encode_header(self._registry_auth)
 
     def _post(self, url: str, **kwargs: Any) -> Any:
+        if self._build_params and url.endswith("/build"):
+            kwargs["params"] = {**(kwargs.get("params") or {}), **self._build_params}
         response = super()._post(url, **kwargs)
         if kwargs.get("stream"):
             self._streams.append(response)
@@ -69,10 +85,77 @@ class _Engine(docker.APIClient):
         super().close()
 
 
-def _engine(registry_auth: dict[str, Credentials] | None = None, timeout: int = 3600) -> _Engine:
+def _engine(registry_auth: dict[str, Credentials] | None = None, timeout: float = 3600,
+            build_params: dict[str, Any] | None = None) -> _Engine:
     kwargs = docker.utils.kwargs_from_env()
     kwargs.setdefault("version", "auto")
-    return _Engine(registry_auth, timeout=timeout, **kwargs)
+    return _Engine(registry_auth, build_params, timeout=int(timeout), **kwargs)
+
+
+def _auth_for(job: BuildJob) -> dict[str, dict[str, str]]:
+    """Registry host -> the auth_config a pull of the job may send: the job's own credentials
+    for a trusted job, none at all for an untrusted one. Passed explicitly on every pull:
+    without one, docker-py falls back to ~/.docker/config.json (the bot's own logins)."""
+    if not job.trusted:
+        return {}
+    return {host: c.auth_config() for host, c in (job.pull_credentials or {}).items()}
+
+
+def _pull_by_digest(engine: _Engine, repository: str, tag: str, platform: str, auth: dict[str, str]) -> str | None:
+    """Pull ``repository:tag`` for ``platform`` by its digest (a pull by digest moves no local
+    tag, so it cannot disturb another build's FROM); the local image id, or None."""
+    try:
+        digest = engine.inspect_distribution(f"{repository}:{tag}", auth_config=auth)["Descriptor"]["digest"]
+        for item in engine.pull(repository, tag=digest, platform=platform, stream=True, decode=True,
+                                auth_config=auth):
+            if "error" in item:
+                return None
+        return _local_image(engine, repository, digest, platform_parts(platform))
+    except (DockerException, KeyError, TypeError, requests.exceptions.ConnectionError):
+        return None
+
+
+def _local_image(engine: _Engine, repository: str, digest: str, wanted: tuple) -> str | None:
+    os_, arch, variant = wanted
+    for summary in engine.images(name=repository):
+        if f"{repository}@{digest}" not in (summary.get("RepoDigests") or []):
+            continue
+        config = engine.inspect_image(summary["Id"])
+        if (config.get("Os"), config.get("Architecture")) == (os_, arch) and (
+            variant is None or config.get("Variant") in (None, "", variant)
+        ):
+            return summary["Id"]
+    return None
+
+
+def _remove_leftovers(watch: FromWatch) -> None:
+    """Remove the containers and the images a build that was cut short made (best effort:
+    an image another one builds on stays)."""
+    engine = _engine(timeout=60)
+    try:
+        for container in watch.containers:
+            with contextlib.suppress(DockerException, requests.exceptions.RequestException):
+                engine.remove_container(container, force=True)
+        for image in reversed(watch.committed):
+            with contextlib.suppress(DockerException, requests.exceptions.RequestException):
+                engine.remove_image(image)
+    finally:
+        engine.close()
+
+
+def _oom_killed(watch: FromWatch, since: int) -> bool:
+    """Whether the engine reported the build's last step container killed out of memory."""
+    if not watch.containers:
+        return False
+    engine = _engine(timeout=30)
+    try:
+        events = engine.events(since=since, until=int(time.time()) + 1, decode=True,
+                               filters={"type": "container", "event": "oom"})
+        return any(str(event.get("id", "")).startswith(watch.containers[-1]) for event in events)
+    except (DockerException, requests.exceptions.RequestException):
+        return False
+    finally:
+        engine.close()
 
 
 async def _stream(
@@ -120,7 +203,19 @@ def _lines(items: list[dict]) -> list[str]:
 
 
 PLATFORM_MIXUP_ATTEMPTS = 3
-_FROM_LINE = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(?P<ref>\S+)(?:\s+AS\s+(?P<stage>\S+))?", re.I | re.M)
+#: One FROM line, matched against one line at a time: ``[ \t]`` rather than ``\s``, so that
+#: no part of the pattern can run across line ends (``^\s*`` in MULTILINE mode over a file
+#: of blank lines retries every line's rest: quadratic, 1 MB of them took about an hour).
+_FROM_LINE = re.compile(r"[ \t]*FROM[ \t]+(?:--platform=\S+[ \t]+)?(?P<ref>\S+)(?:[ \t]+AS[ \t]+(?P<stage>\S+))?",
+                        re.I)
+
+
+def _from_lines(text: str) -> Iterator[re.Match[str]]:
+    """The FROM lines of a Dockerfile, in linear time."""
+    for line in text.splitlines():
+        match = _FROM_LINE.match(line)
+        if match:
+            yield match
 
 
 def dockerfile_bases(text: str) -> list[str]:
@@ -128,7 +223,7 @@ def dockerfile_bases(text: str) -> list[str]:
     references built from ARGs (those cannot be known before the build)."""
     stages: set[str] = set()
     bases: list[str] = []
-    for match in _FROM_LINE.finditer(text):
+    for match in _from_lines(text):
         ref, stage = match["ref"], match["stage"]
         if ref.lower() != "scratch" and ref.lower() not in stages and "$" not in ref and ref not in bases:
             bases.append(ref)
@@ -159,11 +254,16 @@ def platform_mixup(message: str) -> bool:
 
 class FromWatch:
     """Watches a classic build's log for its first ``FROM`` step being resolved (the
-    `` ---> <id>`` line that follows ``Step 1/N : FROM ...``)."""
+    `` ---> <id>`` line that follows ``Step 1/N : FROM ...``), and for what the build leaves
+    in the engine: the container of the step it is running and the images it committed (not
+    the ones it took from the cache), removed when the build is cut short."""
 
     def __init__(self) -> None:
         self.resolved = asyncio.Event()
         self._in_from = False
+        self.containers: list[str] = []
+        self.committed: list[str] = []
+        self._running = False
 
     def feed(self, lines: list[str]) -> None:
         for line in lines:
@@ -171,17 +271,80 @@ class FromWatch:
                 self._in_from = True
             elif self._in_from and line.startswith(" ---> "):
                 self.resolved.set()
+            running = _RUNNING_IN.match(line)
+            if running:
+                self.containers.append(running[1])
+                self._running = True
+                continue
+            arrow = _ARROW_ID.match(line)
+            if arrow and self._running:
+                self.committed.append(arrow[1])
+                self._running = False
 
 
 _FIRST_FROM = re.compile(r"^Step 1/\d+ : FROM ", re.IGNORECASE)
+_RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})$")
+_ARROW_ID = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+#: The classic builder's words for a RUN whose process was killed (SIGKILL: 128 + 9).
+_KILLED = "returned a non-zero code: 137"
+
+
+def base_images(text: str) -> list[str] | None:
+    """The base images to pin before building ``text`` (a Dockerfile), or None when one is
+    named by an ARG (only the build knows it). Linear in the text."""
+    if any("$" in match["ref"] for match in _from_lines(text)):
+        return None
+    return dockerfile_bases(text)
+
+
+def read_dockerfile(path: Path) -> str | None:
+    """The Dockerfile's text if it is a regular file of at most MAX_DOCKERFILE_BYTES (the
+    pipeline has checked it is inside the checkout); None otherwise (the build reports)."""
+    try:
+        with open(path, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            data = handle.read(MAX_DOCKERFILE_BYTES + 1)
+    except OSError:
+        return None
+    return None if len(data) > MAX_DOCKERFILE_BYTES else data.decode(errors="replace")
+
+
+def build_limits(memory_mb: int, cpus: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """docker-py's ``container_limits`` and the extra /build query parameters (docker-py has
+    no key for a CPU quota) for each container of a classic build: memory with no swap on
+    top, and ``cpus`` cores' worth of CPU time."""
+    memory = memory_mb * 1024 * 1024
+    period = 100_000
+    return {"memory": memory, "memswap": memory}, {"cpuperiod": period, "cpuquota": int(cpus * period)}
+
+
+def oom_message(message: str, memory_mb: int, oom_killed: bool) -> str:
+    """The build's error, saying so when its step was killed for going over the memory limit."""
+    if not oom_killed:
+        return message
+    return (f"{message}: out of memory: the step went over the build's memory limit of {memory_mb} MiB "
+            f"(IMAGEBOT_BUILD_MEMORY_MB) and was killed")
 
 
 class DockerRuntime:
     name = "docker"
 
-    def __init__(self, timeout: int = 3600) -> None:
+    def __init__(self, timeout: float = 3600, pull_timeout: float = 600, memory_mb: int = 4096,
+                 cpus: float = 1.0, untrusted_network: str | None = None) -> None:
         self.timeout = timeout
+        self.pull_timeout = pull_timeout
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.untrusted_network = untrusted_network
+        #: Held only between tagging a build's pinned bases and the engine resolving its first
+        #: FROM from them: local work, never network I/O (pulls happen before it is taken).
         self._from_lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DockerRuntime:
+        return cls(settings.build_timeout_seconds, settings.pull_timeout_seconds, settings.build_memory_mb,
+                   settings.build_cpus, settings.untrusted_network)
 
     async def build(self, job: BuildJob, log: LogSink) -> str:
         """Build ``job`` for its platform; return the image id. Raises :class:`BuildError`, or
@@ -200,12 +363,28 @@ class DockerRuntime:
                 await log([f"imagebot: the engine mixed up the base image's platforms; building again ({attempt})"])
         raise AssertionError("unreachable")
 
+    def _build_kwargs(self, job: BuildJob, pinned: bool) -> dict[str, Any]:
+        """What the engine is asked to build. An untrusted build always pulls its bases
+        (anonymously: it has no credentials), so it can never build from an image the engine
+        holds for someone else, and runs on the operator's network for untrusted builds."""
+        limits, _ = build_limits(self.memory_mb, self.cpus)
+        kwargs: dict[str, Any] = dict(
+            path=str(job.context), dockerfile=str(job.dockerfile), tag=job.tag, platform=job.platform,
+            pull=not (pinned and job.trusted), rm=True, forcerm=True, decode=True,
+            buildargs=job.build_args, labels=job.labels, target=job.target, container_limits=limits,
+        )
+        if not job.trusted and self.untrusted_network:
+            kwargs["network_mode"] = self.untrusted_network
+        return kwargs
+
     async def _build_once(self, job: BuildJob, log: LogSink) -> str:
-        engine = _engine(job.pull_credentials, self.timeout)
+        engine = _engine(job.pull_credentials if job.trusted else None, self.timeout,
+                         build_params=build_limits(self.memory_mb, self.cpus)[1])
         image_id: str | None = None
         error: str | None = None
         step: str | None = None  # the step the build is at, as its log says
-        first_from = FromWatch()
+        watch = FromWatch()
+        started = int(time.time())
 
         async def handle(items: list[dict]) -> None:
             nonlocal image_id, error, step
@@ -217,55 +396,60 @@ class DockerRuntime:
                 if isinstance(aux, dict) and aux.get("ID"):
                     image_id = aux["ID"]
             lines = _lines(items)
-            first_from.feed(lines)
+            watch.feed(lines)
             step = last_step(lines, step)
             await log(lines)
 
-        pinned = False
+        pinned: list[tuple[str, str, str]] | None = None
 
         def start() -> Iterator[dict]:
-            return engine.build(
-                path=str(job.context), dockerfile=str(job.dockerfile), tag=job.tag,
-                platform=job.platform, pull=not pinned, rm=True, forcerm=True, decode=True,
-                buildargs=job.build_args, labels=job.labels, target=job.target,
-            )
-
-        async def pin() -> None:
-            nonlocal pinned
-            pinned = await self._pin_bases(engine, job, log)
+            return engine.build(**self._build_kwargs(job, pinned is not None))
 
         try:
-            await self._staggered(_stream(engine, start, handle), first_from.resolved, pin)
+            pinned = await self._pin_bases(job, log)
+            await self._staggered(engine, _stream(engine, start, handle), watch.resolved, pinned if job.trusted else None)
             if error is None and image_id is not None:
                 await self._check_platform(engine, image_id, job.platform)
         except APIError as exc:
             raise BuildError("build", str(exc.explanation or exc)) from None
         except DockerException as exc:
             raise BuildError("engine", f"the Docker engine is unreachable: {exc}") from None
+        except BaseException:
+            # cut short (a deadline, a cancel): the engine was told by the closed connection;
+            # make sure nothing of this build stays behind, even if cancelled again meanwhile
+            await asyncio.shield(asyncio.to_thread(_remove_leftovers, watch))
+            raise
         finally:
             engine.close()
         if error is not None:
+            if _KILLED in error:
+                error = oom_message(error, self.memory_mb, await asyncio.to_thread(_oom_killed, watch, started))
             await log([f"ERROR: {error}"])
             raise pull_failure(step, error, _secrets(job)) or BuildError("build", error)
         if image_id is None:
             raise BuildError("build", "the engine finished the build without an image id")
         return image_id
 
-    async def _staggered(self, stream: Awaitable[None], resolved: asyncio.Event,
-                         pin: Callable[[], Awaitable[None]]) -> None:
-        """Pin the base images to this platform, start the build, and hold the runtime's FROM
-        lock until its first FROM is resolved: no other platform moves the base tags between
-        the pin and the moment the engine reads them."""
+    async def _staggered(self, engine: _Engine, stream: Awaitable[None], resolved: asyncio.Event,
+                         pinned: list[tuple[str, str, str]] | None) -> None:
+        """Start the build. With every base pinned (a trusted build that needs no pull), tag
+        them for this platform and hold the runtime's FROM lock until the engine has resolved
+        the first FROM from them: no other platform moves the tags in between. That is local
+        work only; a build that pulls holds no lock."""
         task: asyncio.Future | None = None
         try:
-            async with self._from_lock:
-                await pin()
+            if pinned is None:
                 task = asyncio.ensure_future(stream)
-                waiter = asyncio.ensure_future(resolved.wait())
-                try:
-                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
+            else:
+                async with self._from_lock:
+                    for image_id, repository, tag in pinned:
+                        await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
+                    task = asyncio.ensure_future(stream)
+                    waiter = asyncio.ensure_future(resolved.wait())
+                    try:
+                        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
             await task
         finally:
             if task is not None and not task.done():
@@ -275,64 +459,46 @@ class DockerRuntime:
             elif task is None and asyncio.iscoroutine(stream):
                 stream.close()
 
-    async def _pin_bases(self, engine: _Engine, job: BuildJob, log: LogSink) -> bool:
-        """Point each base image's tag at its image for ``job.platform``.
-
-        The engine keeps one local tag per name; pulling a platform whose image is already
-        present leaves the tag where another platform's pull put it, and the classic builder
-        then resolves FROM to the wrong platform. Returns whether every base was pinned (then
-        the build need not pull again).
+    async def _pin_bases(self, job: BuildJob, log: LogSink) -> list[tuple[str, str, str]] | None:
+        """Pull each base image for ``job.platform`` by digest (which moves no tag), each pull
+        within PULL_TIMEOUT_SECONDS and with exactly the job's credentials (an untrusted job:
+        none); the (image id, repository, tag) to point each base's tag at before the build,
+        or None when not every base could be pinned (then the build pulls them itself, and
+        reports what is wrong). A pull past its deadline fails the build with kind timeout.
         """
-        try:
-            text = job.dockerfile.read_text(errors="replace")
-        except OSError:
-            return False
-        if re.search(r"^\s*FROM\s+(--platform=\S+\s+)?\S*\$", text, re.I | re.M):
-            return False  # a base named by an ARG: only the build knows it
-        wanted = platform_parts(job.platform)
-        pinned = True
-        for ref in dockerfile_bases(text):
+        text = await asyncio.to_thread(read_dockerfile, job.dockerfile)
+        bases = await asyncio.to_thread(base_images, text) if text is not None else None
+        if bases is None:
+            return None
+        auth = _auth_for(job)
+        pins: list[tuple[str, str, str]] = []
+        complete = True
+        for ref in bases:
             repository, tag = _split_ref(ref)
             if tag is None:
                 continue  # pinned by digest already
-            digest = await asyncio.to_thread(self._pull, engine, repository, tag, job.platform)
-            image_id = (await asyncio.to_thread(self._local_image, engine, repository, digest, wanted)
-                        if digest else None)
+            image_id = await self._pull_pinned(ref, repository, tag, job.platform, auth)
             if image_id is None:
-                pinned = False  # the build's own pull will report the problem
-                if digest:
-                    await log([f"imagebot: no local {job.platform} image of {ref} after pulling it"])
+                complete = False
+                await log([f"imagebot: could not pin {ref} to {job.platform}; the build pulls it"])
                 continue
-            await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
-        return pinned
+            pins.append((image_id, repository, tag))
+        return pins if complete else None
 
-    @staticmethod
-    def _pull(engine: _Engine, repository: str, tag: str, platform: str) -> str | None:
-        """Pull ``repository:tag`` for ``platform``; the digest the registry named, or None."""
-        digest = None
+    async def _pull_pinned(self, ref: str, repository: str, tag: str, platform: str,
+                           auth: dict[str, dict[str, str]]) -> str | None:
+        """The local image id of ``repository:tag`` for ``platform`` after pulling it by
+        digest, or None; BuildError ``timeout`` past PULL_TIMEOUT_SECONDS."""
+        engine = _engine(timeout=max(1, int(self.pull_timeout)))
         try:
-            for item in engine.pull(repository, tag=tag, platform=platform, stream=True, decode=True):
-                if "error" in item:
-                    return None
-                status = str(item.get("status", ""))
-                if status.startswith("Digest: "):
-                    digest = status.removeprefix("Digest: ").strip()
-        except DockerException:
-            return None
-        return digest
-
-    @staticmethod
-    def _local_image(engine: _Engine, repository: str, digest: str, wanted: tuple) -> str | None:
-        os_, arch, variant = wanted
-        for summary in engine.images(name=repository):
-            if f"{repository}@{digest}" not in (summary.get("RepoDigests") or []):
-                continue
-            config = engine.inspect_image(summary["Id"])
-            if (config.get("Os"), config.get("Architecture")) == (os_, arch) and (
-                variant is None or config.get("Variant") in (None, "", variant)
-            ):
-                return summary["Id"]
-        return None
+            async with asyncio.timeout(self.pull_timeout):
+                return await asyncio.to_thread(_pull_by_digest, engine, repository, tag, platform,
+                                               auth.get(docker_auth.resolve_repository_name(repository)[0], {}))
+        except (TimeoutError, requests.exceptions.Timeout):
+            raise BuildError("timeout", f"pulling the base image {ref} did not finish in "
+                                        f"{self.pull_timeout:.0f}s (IMAGEBOT_PULL_TIMEOUT_SECONDS)") from None
+        finally:
+            engine.close()
 
     async def _check_platform(self, engine: _Engine, image_id: str, platform: str) -> None:
         """The image must be for the platform asked for, whatever base the engine picked."""
