@@ -142,3 +142,23 @@ def test_a_dockerfile_of_blank_lines_builds_fast(tmp_path, services):  # noqa: F
     built = build_once(tmp_path, "\n" * 40_000 + "FROM scratch\nLABEL imagebot.test=blank-lines\n", None)
     assert isinstance(built, str) and built.startswith("sha256:"), built
     assert time.monotonic() - started < 15
+
+
+def test_image_references_of_a_dockerfile():
+    from bot.runtimes.docker import image_references
+
+    text = """# escape=`
+ARG BASE=reg.local/base:1
+ARG TOOL
+FROM --platform=$BUILDPLATFORM ${BASE} AS build
+COPY --from=reg.local/tool@sha256:abc /t /t
+FROM scratch
+COPY --chown=1 `
+     --from=build /out /out
+COPY --from=0 /a /a
+FROM $TOOL
+"""
+    assert image_references(text, {"TOOL": "reg.local/tool:2"}) == [
+        "reg.local/base:1", "reg.local/tool@sha256:abc", "reg.local/tool:2"]
+    assert image_references(text, {}) is None  # TOOL has no value: unknown before the build
+    assert image_references("FROM a\\\n  AS b\nFROM b\n", {}) == ["a"]

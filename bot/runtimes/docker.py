@@ -17,6 +17,7 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from docker import auth as docker_auth
 from docker.errors import APIError, DockerException
 
 from bot.pipeline.credentials import Credentials
-from bot.pipeline.push import RegistryError
+from bot.pipeline.push import RegistryError, classify
 from bot.pipeline.tags import platform_parts
 from bot.runtimes import BuildError, BuildJob, LogSink, PullError, Pushed, last_step, pull_failure
 
@@ -101,31 +102,25 @@ def _auth_for(job: BuildJob) -> dict[str, dict[str, str]]:
     return {host: c.auth_config() for host, c in (job.pull_credentials or {}).items()}
 
 
-def _pull_by_digest(engine: _Engine, repository: str, tag: str, platform: str, auth: dict[str, str]) -> str | None:
-    """Pull ``repository:tag`` for ``platform`` by its digest (a pull by digest moves no local
-    tag, so it cannot disturb another build's FROM); the local image id, or None."""
+def _pull_for_platform(engine: _Engine, repository: str, tag: str, platform: str, auth: dict[str, str]) -> str | None:
+    """Pull ``repository:tag`` for ``platform``; the id of the image it gave, or None.
+
+    The id is what the pin holds on to: the tag (and the list's digest reference) can be
+    moved by any other pull of the same name at any time, the image id cannot."""
     try:
-        digest = engine.inspect_distribution(f"{repository}:{tag}", auth_config=auth)["Descriptor"]["digest"]
-        for item in engine.pull(repository, tag=digest, platform=platform, stream=True, decode=True,
+        for item in engine.pull(repository, tag=tag, platform=platform, stream=True, decode=True,
                                 auth_config=auth):
             if "error" in item:
                 return None
-        return _local_image(engine, repository, digest, platform_parts(platform))
-    except (DockerException, KeyError, TypeError, requests.exceptions.ConnectionError):
+        config = engine.inspect_image(f"{repository}:{tag}")
+    except (DockerException, requests.exceptions.ConnectionError):
         return None
-
-
-def _local_image(engine: _Engine, repository: str, digest: str, wanted: tuple) -> str | None:
-    os_, arch, variant = wanted
-    for summary in engine.images(name=repository):
-        if f"{repository}@{digest}" not in (summary.get("RepoDigests") or []):
-            continue
-        config = engine.inspect_image(summary["Id"])
-        if (config.get("Os"), config.get("Architecture")) == (os_, arch) and (
-            variant is None or config.get("Variant") in (None, "", variant)
-        ):
-            return summary["Id"]
-    return None
+    os_, arch, variant = platform_parts(platform)
+    if (config.get("Os"), config.get("Architecture")) != (os_, arch):
+        return None  # another pull of the name came in between: the build pulls it itself
+    if variant is not None and config.get("Variant") not in (None, "", variant):
+        return None
+    return config["Id"]
 
 
 def _remove_leftovers(watch: FromWatch) -> None:
@@ -261,6 +256,9 @@ class FromWatch:
     def __init__(self) -> None:
         self.resolved = asyncio.Event()
         self._in_from = False
+        #: the image the first FROM names, and the id the engine resolved it to
+        self.first_ref: str | None = None
+        self.first_id: str | None = None
         self.containers: list[str] = []
         self.committed: list[str] = []
         self._running = False
@@ -269,7 +267,10 @@ class FromWatch:
         for line in lines:
             if _FIRST_FROM.match(line):
                 self._in_from = True
-            elif self._in_from and line.startswith(" ---> "):
+                words = [w for w in line.split(" : ", 1)[1].split()[1:] if not w.startswith("--")]
+                self.first_ref = words[0] if words else None
+            elif self._in_from and line.startswith(" ---> ") and not self.resolved.is_set():
+                self.first_id = line.removeprefix(" ---> ").strip()
                 self.resolved.set()
             running = _RUNNING_IN.match(line)
             if running:
@@ -287,6 +288,54 @@ _RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})$")
 _ARROW_ID = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
 #: The classic builder's words for a RUN whose process was killed (SIGKILL: 128 + 9).
 _KILLED = "returned a non-zero code: 137"
+
+
+def _instructions(text: str) -> Iterator[list[str]]:
+    """Each instruction of a Dockerfile as its words, continuation lines joined (with the
+    escape character its ``# escape=`` directive names). Linear in the text."""
+    escape = "\\"
+    directive = re.match(r"(?:[ \t]*#[^\n]*\n)*?[ \t]*#[ \t]*escape[ \t]*=[ \t]*(\S)", text, re.I)
+    if directive:
+        escape, text = directive[1], text[directive.end():]  # the directive's own line ends in it
+    for line in text.replace(escape + "\r\n", " ").replace(escape + "\n", " ").splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#"):
+            yield words
+
+
+def _substitute(ref: str, args: dict[str, str]) -> str:
+    """``$NAME`` and ``${NAME}`` in ``ref`` replaced by the ARG values known before the build."""
+    return re.sub(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))",
+                  lambda m: args.get(m[1] or m[2], m[0]), ref)
+
+
+def image_references(text: str, build_args: dict[str, str]) -> list[str] | None:
+    """Every image a Dockerfile names (FROM and ``COPY --from``, not its own stages or
+    ``scratch``), ARGs filled in from the global ARG defaults and ``build_args``; None when
+    one cannot be known before the build."""
+    args: dict[str, str] = {}
+    stages: set[str] = {"scratch"}
+    refs: list[str] = []
+    seen_from = False
+    for words in _instructions(text):
+        instruction = words[0].upper()
+        if instruction == "ARG" and not seen_from and len(words) > 1:
+            name, given, value = words[1].partition("=")
+            if given or name in build_args:
+                args[name] = build_args.get(name, value.strip("\"'"))
+        elif instruction == "FROM":
+            seen_from = True
+            rest = [w for w in words[1:] if not w.startswith("--")]
+            if rest:
+                refs.append(rest[0])
+            if len(rest) >= 3 and rest[1].upper() == "AS":
+                stages.add(rest[2].lower())
+        elif instruction == "COPY":
+            refs += [w.removeprefix("--from=") for w in words[1:] if w.startswith("--from=")]
+    named = [_substitute(ref, {**args, **build_args}) for ref in refs]
+    if any("$" in ref for ref in named):
+        return None
+    return list(dict.fromkeys(ref for ref in named if ref.lower() not in stages and not ref.isdigit()))
 
 
 def base_images(text: str) -> list[str] | None:
@@ -327,6 +376,16 @@ def oom_message(message: str, memory_mb: int, oom_killed: bool) -> str:
             f"(IMAGEBOT_BUILD_MEMORY_MB) and was killed")
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A base image of a trusted build, pulled for its platform: the tag to point at it."""
+
+    ref: str
+    image_id: str
+    repository: str
+    tag: str
+
+
 class DockerRuntime:
     name = "docker"
 
@@ -354,9 +413,12 @@ class DockerRuntime:
         two platforms of one build pulling the same base at once can find each other's image
         ("... does not match the specified platform"); such a build is simply run again.
         """
+        if not job.trusted:
+            await self._check_public(job)
+        pinned = await self._pin_bases(job, log)
         for attempt in range(1, PLATFORM_MIXUP_ATTEMPTS + 1):
             try:
-                return await self._build_once(job, log)
+                return await self._build_once(job, log, pinned)
             except BuildError as exc:
                 if not platform_mixup(exc.message) or attempt == PLATFORM_MIXUP_ATTEMPTS:
                     raise
@@ -377,7 +439,7 @@ class DockerRuntime:
             kwargs["network_mode"] = self.untrusted_network
         return kwargs
 
-    async def _build_once(self, job: BuildJob, log: LogSink) -> str:
+    async def _build_once(self, job: BuildJob, log: LogSink, pinned: list[Pin] | None) -> str:
         engine = _engine(job.pull_credentials if job.trusted else None, self.timeout,
                          build_params=build_limits(self.memory_mb, self.cpus)[1])
         image_id: str | None = None
@@ -400,14 +462,11 @@ class DockerRuntime:
             step = last_step(lines, step)
             await log(lines)
 
-        pinned: list[tuple[str, str, str]] | None = None
-
         def start() -> Iterator[dict]:
             return engine.build(**self._build_kwargs(job, pinned is not None))
 
         try:
-            pinned = await self._pin_bases(job, log)
-            await self._staggered(engine, _stream(engine, start, handle), watch.resolved, pinned if job.trusted else None)
+            await self._staggered(engine, _stream(engine, start, handle), watch, pinned)
             if error is None and image_id is not None:
                 await self._check_platform(engine, image_id, job.platform)
         except APIError as exc:
@@ -430,26 +489,32 @@ class DockerRuntime:
             raise BuildError("build", "the engine finished the build without an image id")
         return image_id
 
-    async def _staggered(self, engine: _Engine, stream: Awaitable[None], resolved: asyncio.Event,
-                         pinned: list[tuple[str, str, str]] | None) -> None:
+    async def _staggered(self, engine: _Engine, stream: Awaitable[None], watch: FromWatch,
+                         pinned: list[Pin] | None) -> None:
         """Start the build. With every base pinned (a trusted build that needs no pull), tag
         them for this platform and hold the runtime's FROM lock until the engine has resolved
-        the first FROM from them: no other platform moves the tags in between. That is local
-        work only; a build that pulls holds no lock."""
+        the first FROM from them, and check it resolved to the pinned image: a pull of the
+        same name (pulls take no lock) may still move the tag in between, and that is the
+        platform mix-up the caller builds again for. Local work only; a build that pulls
+        holds no lock."""
         task: asyncio.Future | None = None
         try:
             if pinned is None:
                 task = asyncio.ensure_future(stream)
             else:
                 async with self._from_lock:
-                    for image_id, repository, tag in pinned:
-                        await asyncio.to_thread(engine.tag, image_id, repository, tag, force=True)
+                    for pin in pinned:
+                        await asyncio.to_thread(engine.tag, pin.image_id, pin.repository, pin.tag, force=True)
                     task = asyncio.ensure_future(stream)
-                    waiter = asyncio.ensure_future(resolved.wait())
+                    waiter = asyncio.ensure_future(watch.resolved.wait())
                     try:
                         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         waiter.cancel()
+                wanted = next((p.image_id for p in pinned if p.ref == watch.first_ref), None)
+                if wanted and watch.first_id and not wanted.removeprefix("sha256:").startswith(watch.first_id):
+                    raise BuildError("build", f"{watch.first_ref} was found but does not match the specified "
+                                              f"platform: its tag moved to another platform's image")
             await task
         finally:
             if task is not None and not task.done():
@@ -459,19 +524,22 @@ class DockerRuntime:
             elif task is None and asyncio.iscoroutine(stream):
                 stream.close()
 
-    async def _pin_bases(self, job: BuildJob, log: LogSink) -> list[tuple[str, str, str]] | None:
-        """Pull each base image for ``job.platform`` by digest (which moves no tag), each pull
-        within PULL_TIMEOUT_SECONDS and with exactly the job's credentials (an untrusted job:
-        none); the (image id, repository, tag) to point each base's tag at before the build,
-        or None when not every base could be pinned (then the build pulls them itself, and
-        reports what is wrong). A pull past its deadline fails the build with kind timeout.
+    async def _pin_bases(self, job: BuildJob, log: LogSink) -> list[Pin] | None:
+        """Pull each base image of a trusted job for ``job.platform``, each pull within
+        PULL_TIMEOUT_SECONDS, with no lock held, and with exactly the job's credentials; the
+        (image id, repository, tag) to point each base's tag at before the build, or None when
+        not every base could be pinned (then the build pulls them itself, and reports what is
+        wrong). A pull past its deadline fails the build with kind timeout. An untrusted job
+        is not pinned: its build pulls every base itself, anonymously.
         """
+        if not job.trusted:
+            return None
         text = await asyncio.to_thread(read_dockerfile, job.dockerfile)
         bases = await asyncio.to_thread(base_images, text) if text is not None else None
         if bases is None:
             return None
         auth = _auth_for(job)
-        pins: list[tuple[str, str, str]] = []
+        pins: list[Pin] = []
         complete = True
         for ref in bases:
             repository, tag = _split_ref(ref)
@@ -482,8 +550,44 @@ class DockerRuntime:
                 complete = False
                 await log([f"imagebot: could not pin {ref} to {job.platform}; the build pulls it"])
                 continue
-            pins.append((image_id, repository, tag))
+            pins.append(Pin(ref, image_id, repository, tag))
         return pins if complete else None
+
+    async def _check_public(self, job: BuildJob) -> None:
+        """An untrusted build may only use images anyone may pull. A tag is checked by the
+        build's own (anonymous, forced) pull; a reference by digest is not: the engine
+        answers it from its store ("Image is up to date") without asking the registry, which
+        would hand a fork any image the engine holds. So each is looked up in its registry,
+        with no credentials, before the build; refused: a PullError, as the build would."""
+        text = await asyncio.to_thread(read_dockerfile, job.dockerfile)
+        refs = await asyncio.to_thread(image_references, text or "", job.build_args)
+        if text is None or refs is None:
+            raise BuildError("build", "an untrusted build (a fork's pull request) must name its base images "
+                                      "literally or through ARGs with values, so that imagebot can check "
+                                      "that they are public")
+        for ref in (r for r in refs if "@" in r):
+            error = await self._anonymous_lookup(ref)
+            if error is not None:
+                kind = classify(error)
+                raise PullError(kind if kind != "unknown" else "auth",
+                                f"{ref} is not public (an untrusted build pulls anonymously): {error}")
+
+    async def _anonymous_lookup(self, ref: str) -> str | None:
+        """Why the registry refuses ``ref`` to anyone without credentials, or None."""
+        engine = _engine(timeout=max(1, int(self.pull_timeout)))
+        try:
+            async with asyncio.timeout(self.pull_timeout):
+                await asyncio.to_thread(engine.inspect_distribution, ref, auth_config={})
+        except APIError as exc:
+            return str(exc.explanation or exc)
+        except (TimeoutError, requests.exceptions.Timeout):
+            raise BuildError("timeout", f"looking up the base image {ref} did not finish in "
+                                        f"{self.pull_timeout:.0f}s (IMAGEBOT_PULL_TIMEOUT_SECONDS)") from None
+        except (DockerException, requests.exceptions.RequestException) as exc:
+            return str(exc)
+        finally:
+            engine.close()
+        return None
 
     async def _pull_pinned(self, ref: str, repository: str, tag: str, platform: str,
                            auth: dict[str, dict[str, str]]) -> str | None:
@@ -492,7 +596,7 @@ class DockerRuntime:
         engine = _engine(timeout=max(1, int(self.pull_timeout)))
         try:
             async with asyncio.timeout(self.pull_timeout):
-                return await asyncio.to_thread(_pull_by_digest, engine, repository, tag, platform,
+                return await asyncio.to_thread(_pull_for_platform, engine, repository, tag, platform,
                                                auth.get(docker_auth.resolve_repository_name(repository)[0], {}))
         except (TimeoutError, requests.exceptions.Timeout):
             raise BuildError("timeout", f"pulling the base image {ref} did not finish in "
