@@ -72,6 +72,17 @@ def test_a_build_past_its_timeout_fails_timeout_and_leaves_nothing_behind(servic
                for image in client.api.images(all=True))
 
 
+@pytest.mark.timeout(60)
+def test_the_whole_build_deadline_stops_any_step(services, database, tmp_path):
+    server, repo = one_repo(tmp_path, {"Dockerfile": "FROM scratch\n"})
+    with server:
+        server.inject_hang(120, repo="acme/app")  # the forge stalls the fetch (its own timeout: 300 s)
+        build = new_build(database, server, repo)
+        outcome = run(settings_for(services, database, build_deadline_seconds=3), database, build)
+    assert (outcome.status.value, outcome.step, outcome.error_kind) == ("failed", "fetch", "timeout"), outcome
+    assert "did not finish in 3s (IMAGEBOT_BUILD_DEADLINE_SECONDS)" in outcome.error_message
+
+
 class StalledRegistry:
     """A registry that accepts connections and never answers a byte."""
 
