@@ -58,6 +58,10 @@ def web_url_for_api(api_url: str) -> str:
     return api_url.removesuffix("/api/v3")
 
 
+#: A Docker network name, as the engine accepts them.
+_NETWORK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
 class SettingsError(Exception):
     """Settings that cannot start the bot; ``problems`` lists every one of them."""
 
@@ -169,6 +173,19 @@ class Settings(BaseSettings):
     push_timeout_seconds: float = Field(default=600.0, gt=0)
     #: Platforms of one build that build at the same time.
     platform_parallelism: int = Field(default=2, ge=1, le=16)
+    #: One base-image pull (a registry that accepts connections and never answers would hold
+    #: the build, and with it a worker slot, forever).
+    pull_timeout_seconds: float = Field(default=600.0, gt=0)
+    #: The whole build, fetch to manifest list, retries included; past it: failed, ``timeout``.
+    build_deadline_seconds: float = Field(default=7200.0, gt=0)
+    #: Each platform build's containers (Docker) or Job (Kubernetes): memory (no swap on top)
+    #: and CPU cores; the defaults leave the bot and the engine their share of the machine.
+    build_memory_mb: int = Field(default=4096, ge=16)
+    build_cpus: float = Field(default=1.0, gt=0, le=256)
+    #: The network the RUN steps of untrusted builds (forks' pull requests) get on the Docker
+    #: runtime: ``none``, or a named network the operator made; unset: the engine's default
+    #: bridge, like every other build.
+    untrusted_network: str | None = None
 
     # Runtime: where each platform is built and pushed.
     runtime: Literal["docker", "kubernetes"] = "docker"
@@ -289,6 +306,16 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"not a path of lower-case components: {', '.join(bad)}")
         return {forge: ns.strip("/") for forge, ns in value.items()}
+
+    @field_validator("untrusted_network")
+    @classmethod
+    def _check_untrusted_network(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip()
+        if value == "host" or value.startswith("container:") or not _NETWORK.match(value):
+            raise ValueError("give none, bridge or the name of a Docker network (never host or container:...)")
+        return value
 
     @field_validator("k8s_layer_cache_dir")
     @classmethod

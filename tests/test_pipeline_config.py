@@ -385,11 +385,54 @@ def test_a_utf8_bom_is_fine(checkout):
     assert load_config(checkout).target == "app"
 
 
-def test_an_alias_bomb_is_refused_quickly(checkout):
+def merge_key_bomb(size: int = 1024) -> str:
+    """The issue's bomb: each mapping merges the one before it twice (2**n keys to flatten)."""
+    lines = ["a0: &a0 {x: 1}"]
+    while len("\n".join(lines)) < size - 40:
+        i = len(lines)
+        lines.append(f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}")
+    return "\n".join(lines) + "\n"
+
+
+def alias_list_bomb() -> str:
+    """Billion laughs: a list of lists of aliases, handed to a key that is validated deeply."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 30)]
-    problems = problems_of(checkout, "\n".join(lines) + "\n")
-    assert len(problems) == 30 and all("unknown key" in p for p in problems)
+    return "\n".join(lines) + "\ntags: *a29\n"
+
+
+@pytest.mark.timeout(30)  # before the budget, the 1 KB merge-key bomb never finished
+@pytest.mark.parametrize("bomb", [merge_key_bomb(), alias_list_bomb()], ids=["merge-keys", "alias-lists"])
+def test_an_alias_bomb_is_refused_quickly(checkout, bomb):
+    import time
+
+    assert len(bomb) <= 1200
+    started = time.monotonic()
+    (problem,) = problems_of(checkout, bomb)
+    assert time.monotonic() - started < 1.0
+    assert problem.startswith(".imagebot.yml line ") and "aliases expand to more than" in problem
+
+
+def test_an_alias_that_contains_itself_is_refused(checkout):
+    (problem,) = problems_of(checkout, "tags: &a [*a]\n")
+    assert "an alias refers to the value it is part of" in problem
+
+
+def test_deep_nesting_and_too_many_values_are_refused(checkout):
+    (deep,) = problems_of(checkout, "labels: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert deep.startswith(".imagebot.yml line 1: nested more than")
+    (many,) = problems_of(checkout, "tags: [" + ", ".join(["x"] * 20_000) + "]\n")
+    assert "more than 10000 values" in many
+
+
+def test_a_few_aliases_and_merge_keys_still_work(checkout):
+    write(checkout, "x-common: &common {A: '1'}\nbuild_args: {<<: *common, B: '2'}\n"
+                    "labels: &labels {team: a}\n")
+    with pytest.raises(ConfigError, match=r"\['x-common'\]: unknown key"):
+        load_config(checkout)
+    write(checkout, "build_args: &args {<<: {A: '1'}, B: '2'}\nlabels: *args\n")
+    config = load_config(checkout)
+    assert config.build_args == {"A": "1", "B": "2"} and config.labels == {"A": "1", "B": "2"}
 
 
 def test_parse_config_names_its_file():
@@ -499,3 +542,33 @@ def test_path_messages_name_the_config_file_and_the_fix(checkout):
         ".imagebot.yml: dockerfile `../outside/Dockerfile` leaves the repository",
         ".imagebot.yml: context `nowhere` does not exist in the repository",
     ]
+
+
+# -- the files the engine's client reads whole ------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "../outside.txt", "missing", "sub"])
+def test_a_dockerignore_that_is_no_regular_file_of_the_checkout_is_refused(checkout, target):
+    (checkout.parent / "outside.txt").write_text("*\n")
+    (checkout / "sub").mkdir()
+    (checkout / ".dockerignore").symlink_to(target)
+    with pytest.raises(ConfigError) as info:
+        resolve_paths(checkout, RepoConfig())
+    (problem,) = info.value.problems
+    assert problem.startswith(".dockerignore ") and info.value.kind == "config", problem
+
+
+def test_a_dockerignore_inside_and_small_is_fine(checkout):
+    (checkout / "ignore.txt").write_text("*.log\n")
+    (checkout / ".dockerignore").symlink_to("ignore.txt")
+    assert resolve_paths(checkout, RepoConfig())[1] == checkout.resolve()
+
+
+def test_oversized_build_files_are_refused(checkout):
+    from bot.pipeline.config import MAX_DOCKERFILE_BYTES, MAX_IGNORE_BYTES
+
+    (checkout / ".dockerignore").write_text("#" * (MAX_IGNORE_BYTES + 1))
+    (checkout / "Dockerfile").write_text("#" * (MAX_DOCKERFILE_BYTES + 1))
+    with pytest.raises(ConfigError) as info:
+        resolve_paths(checkout, RepoConfig())
+    assert [p.split(" is ")[0] for p in info.value.problems] == ["the Dockerfile", ".dockerignore"]

@@ -3,6 +3,8 @@ image is refused (the rest of the engine's work is exercised by the pipeline tes
 
 import asyncio
 
+import pytest
+
 from pydantic import SecretStr
 
 from bot.pipeline.credentials import Credentials
@@ -70,12 +72,12 @@ def test_dockerfile_bases():
     assert _split_ref("busybox") == ("busybox", "latest")
 
 
-def build_once(tmp_path, dockerfile: str, credentials: dict[str, Credentials] | None):
+def build_once(tmp_path, dockerfile: str, credentials: dict[str, Credentials] | None, trusted: bool = True):
     """One DockerRuntime build of ``dockerfile``; the image id, or the exception it raised."""
     (tmp_path / "ctx").mkdir(exist_ok=True)
     (tmp_path / "ctx" / "Dockerfile").write_text(dockerfile)
     job = BuildJob(context=tmp_path / "ctx", dockerfile=tmp_path / "ctx" / "Dockerfile", platform="linux/amd64",
-                   tag=None, build_args={}, labels={}, pull_credentials=credentials)
+                   tag=None, build_args={}, labels={}, pull_credentials=credentials, trusted=trusted)
 
     async def go():
         lines: list[str] = []
@@ -112,3 +114,51 @@ def test_a_refused_base_image_is_a_pull_error_and_a_failing_run_a_build_error(tm
         registry.stop()
         down = build_once(tmp_path, f"FROM {base}\nRUN true\n", second)
         assert isinstance(down, PullError) and down.kind == "network" and "connection refused" in down.detail
+
+
+@pytest.mark.timeout(60)  # before the fix: about 12 s for these 40k blank lines, an hour for 1 MB
+def test_reading_from_lines_is_linear():
+    import time
+
+    from bot.runtimes.docker import dockerfile_bases
+
+    text = "\n" * 40_000 + "FROM a:1 AS one\n" + " \t\n" * 40_000 + "from b\nFROM $X\n"
+    started = time.monotonic()
+    assert dockerfile_bases(text) == ["a:1", "b"]
+    assert time.monotonic() - started < 0.5
+
+    from bot.runtimes.docker import base_images
+
+    assert base_images(text) is None  # a base named by an ARG: the build must pull
+    assert base_images(text.replace("FROM $X\n", "")) == ["a:1", "b"]
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.timeout(60)  # before the fix: the FROM-pin regex took about 50 s for 40k blank lines
+def test_a_dockerfile_of_blank_lines_builds_fast(tmp_path, services):  # noqa: F811
+    import time
+
+    started = time.monotonic()
+    built = build_once(tmp_path, "\n" * 40_000 + "FROM scratch\nLABEL imagebot.test=blank-lines\n", None)
+    assert isinstance(built, str) and built.startswith("sha256:"), built
+    assert time.monotonic() - started < 15
+
+
+def test_image_references_of_a_dockerfile():
+    from bot.runtimes.docker import image_references
+
+    text = """# escape=`
+ARG BASE=reg.local/base:1
+ARG TOOL
+FROM --platform=$BUILDPLATFORM ${BASE} AS build
+COPY --from=reg.local/tool@sha256:abc /t /t
+FROM scratch
+COPY --chown=1 `
+     --from=build /out /out
+COPY --from=0 /a /a
+FROM $TOOL
+"""
+    assert image_references(text, {"TOOL": "reg.local/tool:2"}) == [
+        "reg.local/base:1", "reg.local/tool@sha256:abc", "reg.local/tool:2"]
+    assert image_references(text, {}) is None  # TOOL has no value: unknown before the build
+    assert image_references("FROM a\\\n  AS b\nFROM b\n", {}) == ["a"]

@@ -39,6 +39,14 @@ from bot.pipeline import tags as tagsmod
 CONFIG_NAMES = (".imagebot.yml", ".imagebot.yaml")
 #: Far more than any real config needs, small enough that parsing one costs nothing.
 MAX_CONFIG_BYTES = 64 * 1024
+#: Values (YAML nodes) a config may hold, counting each use of an alias as a copy: a real
+#: config has a few dozen; an alias bomb of 1 KB stands for billions.
+MAX_CONFIG_NODES = 10_000
+#: Nesting of YAML collections (a real config: 3).
+MAX_CONFIG_DEPTH = 32
+#: The build files the engine's client reads whole into memory.
+MAX_DOCKERFILE_BYTES = 1024 * 1024
+MAX_IGNORE_BYTES = 64 * 1024
 
 #: Dockerfile ARG names: letters, digits and underscores, not starting with a digit.
 _ARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
@@ -382,10 +390,93 @@ def _find_config(checkout: Path) -> Path | None:
     return present[0] if present else None
 
 
-def parse_config(text: str, where: str = CONFIG_NAMES[0]) -> RepoConfig:
-    """A :class:`RepoConfig` from the YAML ``text`` of a file named ``where`` in messages."""
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that composes at most MAX_CONFIG_NODES nodes, MAX_CONFIG_DEPTH deep.
+
+    Composing is linear in the text; what is not is using aliases: ``[*a, *a]`` of
+    ``[*b, *b]`` of ... is a few bytes that mean 2**n nodes to the merge-key flattening of
+    the constructor, to pydantic and to anything else that walks the result as a tree. So the
+    composed graph is also measured as the tree it stands for (:func:`_check_expansion`)
+    before any object is built. The depth cap keeps the recursive composer off Python's
+    recursion limit.
+    """
+
+    def __init__(self, stream: str, where: str) -> None:
+        super().__init__(stream)
+        self.where = where
+        self._composed = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._composed += 1
+        self._depth += 1
+        try:
+            if self._composed > MAX_CONFIG_NODES:
+                raise _over_budget(self.where, self.peek_event().start_mark, f"more than {MAX_CONFIG_NODES} values")
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _over_budget(self.where, self.peek_event().start_mark, f"nested more than {MAX_CONFIG_DEPTH} deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _over_budget(where: str, mark: Any, what: str) -> ConfigError:
+    line = f" line {mark.line + 1}" if mark is not None else ""
+    return ConfigError([f"{where}{line}: {what}; a build config never needs that much"])
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Refuse a node graph whose tree (every alias expanded) has over MAX_CONFIG_NODES nodes,
+    or that contains itself. Linear: each node's expanded size is computed once."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_CONFIG_NODES:
+                raise _over_budget(where, node.start_mark, f"aliases expand to more than {MAX_CONFIG_NODES} values")
+            continue
+        if key in sizes:
+            continue
+        if key in open_:
+            raise _over_budget(where, node.start_mark, "an alias refers to the value it is part of")
+        open_.add(key)
+        stack.append((node, True))
+        stack += [(child, False) for child in _children(node) if id(child) not in sizes]
+
+
+def _load(text: str, where: str) -> tuple[Any, yaml.Node | None]:
+    """The data and the node tree of ``text``, composed once, within the budgets."""
+    loader = _BoundedLoader(text, where)
     try:
-        data = yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_expansion(root, where)
+        return loader.construct_document(root), root
+    finally:
+        loader.dispose()
+
+
+def parse_config(text: str, where: str = CONFIG_NAMES[0]) -> RepoConfig:
+    """A :class:`RepoConfig` from the YAML ``text`` of a file named ``where`` in messages.
+
+    CPU-bound and untrusted: bounded by the budgets of :class:`_BoundedLoader`, and called on
+    a thread by the pipeline (never on the event loop)."""
+    try:
+        data, root = _load(text, where)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -404,7 +495,6 @@ def parse_config(text: str, where: str = CONFIG_NAMES[0]) -> RepoConfig:
             [f"{where}: expected a mapping of settings (key: value), got {_describe_input(data)}"]
         )
     problems: list[str] = []
-    root = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed fine above, so this does too
     _check_duplicates(root, problems, where)
     for key in data:
         if not isinstance(key, str):
@@ -494,4 +584,33 @@ def resolve_paths(checkout: Path, config: RepoConfig) -> tuple[Path, Path]:
         problems.append(f"{where}context `{config.context}` is not a directory")
     if problems:
         raise ConfigError(problems)
+    problems += _build_file_problems(root, dockerfile, context)
+    if problems:
+        raise ConfigError(problems)
     return dockerfile, context
+
+
+def _build_file_problems(root: Path, dockerfile: Path, context: Path) -> list[str]:
+    """What is wrong with the files the engine's client reads whole: the Dockerfile and the
+    context's ``.dockerignore`` must be regular files inside the checkout (a symlink to
+    ``/dev/zero`` or out of the checkout is refused) of a bounded size."""
+    problems = []
+    size = dockerfile.stat().st_size
+    if size > MAX_DOCKERFILE_BYTES:
+        problems.append(f"the Dockerfile is {size} bytes, over the limit of {MAX_DOCKERFILE_BYTES}")
+    ignore = context / ".dockerignore"
+    if not os.path.lexists(ignore):
+        return problems
+    where = ignore.relative_to(root).as_posix()
+    resolved, problem = _inside(root, where, where, "")
+    if problem:
+        return [*problems, f"{where} is a symlink out of the repository (or a loop); it must be a file in it"]
+    try:
+        info = os.stat(resolved)
+    except OSError as exc:
+        return [*problems, f"{where} cannot be read: {exc.strerror}"]
+    if not stat.S_ISREG(info.st_mode):
+        problems.append(f"{where} is not a regular file")
+    elif info.st_size > MAX_IGNORE_BYTES:
+        problems.append(f"{where} is {info.st_size} bytes, over the limit of {MAX_IGNORE_BYTES}")
+    return problems

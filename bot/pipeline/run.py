@@ -167,7 +167,7 @@ class Pipeline:
     async def __call__(self, build: Build) -> BuildOutcome:
         self._maskers[build.id] = self._masker()
         try:
-            outcome = await self._run(build)
+            outcome = await self._run_within_deadline(build)
         finally:
             masker = self._maskers.pop(build.id)
         if outcome.error_message:
@@ -184,7 +184,20 @@ class Pipeline:
                          if s.registry_password else None)
         return masker
 
-    async def _run(self, build: Build) -> BuildOutcome:
+    async def _run_within_deadline(self, build: Build) -> BuildOutcome:
+        """Run ``build`` within BUILD_DEADLINE_SECONDS; past it, whatever step it is at is
+        stopped (the runtime removes what it started) and the build fails with kind timeout."""
+        step = ["fetch"]
+        deadline = self.settings.build_deadline_seconds
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._run(build, step)
+        except TimeoutError:
+            message = f"the build did not finish in {deadline:.0f}s (IMAGEBOT_BUILD_DEADLINE_SECONDS)"
+            await self.log(build, None, [f"ERROR: {message}"])
+            return _failed(step[0], "timeout", message)
+
+    async def _run(self, build: Build, step: list[str]) -> BuildOutcome:
         started = time.monotonic()
         masker = self._maskers[build.id]
         with tempfile.TemporaryDirectory(prefix=f"imagebot-{build.id}-", dir=self.settings.work_dir) as work:
@@ -196,10 +209,11 @@ class Pipeline:
             except FetchError as exc:
                 await self.emit(build, "fetch_failed", kind=exc.kind, message=exc.message)
                 return _failed("fetch", exc.kind, exc.message)
+            step[0] = "config"
             try:
-                config = load_config(checkout.path)
+                # untrusted files, CPU-bound parsing: on a thread, never on the event loop
+                config, dockerfile, context = await asyncio.to_thread(_read_config, checkout.path)
                 given = await self._given_secrets(build, config)
-                dockerfile, context = resolve_paths(checkout.path, config)
                 plan = make_plan(build, config, self.settings, self.no_push, given)
             except (ConfigError, tags.TagError, build_secrets.SecretsFileError) as exc:
                 await self.log(build, None, [f"ERROR: {exc}"])
@@ -209,7 +223,9 @@ class Pipeline:
                                              f"(asked for: {', '.join(config.secrets)})"])
             source = Source(checkout.path, build.clone_url, checkout.sha, build.ref, token,
                             TOKEN_USERS.get(build.provider, "x-access-token"))
+            step[0] = "build"
             results = await self._platforms(build, plan, context, dockerfile, source)
+        step[0] = "manifest"
         return await self._conclude(build, plan, results, started)
 
     async def _given_secrets(self, build: Build, config: RepoConfig) -> dict[str, str]:
@@ -310,6 +326,7 @@ class Pipeline:
             build_args={**plan.build_args, **tags.buildkit_args(platform, build_platform())},
             labels=plan.labels, target=plan.target, pull_credentials=None,
             image=target, source=source, build_id=build.id, push=plan.push, secrets=plan.secrets,
+            trusted=plan.trusted,
         )
         try:
             return await self._build_and_push(build, plan, job, target, credentials, started)
@@ -362,8 +379,14 @@ class Pipeline:
             nonlocal generation
             pull = await self._pull_credentials(build, credentials)
             generation = credentials.generation if credentials else 0
-            return await self.runtime.build(replace(job, pull_credentials=pull),
-                                            lambda lines: self.log(build, platform, lines))
+            timeout = self.settings.build_timeout_seconds
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self.runtime.build(replace(job, pull_credentials=pull),
+                                                    lambda lines: self.log(build, platform, lines))
+            except TimeoutError:
+                raise BuildError("timeout", f"the {platform} build did not finish in {timeout:.0f}s "
+                                            f"(IMAGEBOT_BUILD_TIMEOUT_SECONDS)") from None
 
         async def on_retry(retry: Retry) -> None:
             await self.emit(build, "build_platform_retry", platform, attempt=retry.attempt, delay_s=retry.delay_s,
@@ -620,6 +643,12 @@ def still_current(conn: Connection, build: Build) -> bool:
     status = conn.execute(query).scalar()
     return status is not None and not BuildStatus(status).final
 
+
+
+def _read_config(checkout: Path) -> tuple[RepoConfig, Path, Path]:
+    """The repository's config and its Dockerfile and context (blocking: run on a thread)."""
+    config = load_config(checkout)
+    return (config, *resolve_paths(checkout, config))
 
 
 def _since(started: float) -> float:

@@ -129,6 +129,9 @@ class BuildJob:
     build_id: int | None = None
     #: Whether a push follows the build (untrusted builds never push).
     push: bool = False
+    #: Not a fork's pull request (bot.pipeline.run.Plan.trusted). An untrusted job always
+    #: pulls its bases, anonymously; the default is the safe side.
+    trusted: bool = False
     #: The operator's build secrets this build asked for, name -> value (bot.pipeline.secrets);
     #: always empty for untrusted builds (a fork's pull request). Each runtime hands them to
     #: the build its own way (Docker: build args; Kubernetes: buildah ``--secret`` mounts) and
@@ -175,4 +178,4 @@ def runtime_for(settings: Settings) -> Runtime:
         return KubernetesRuntime(settings)
     from bot.runtimes.docker import DockerRuntime
 
-    return DockerRuntime(int(settings.build_timeout_seconds))
+    return DockerRuntime.from_settings(settings)
