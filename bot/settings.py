@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     fetch_timeout_seconds: float = Field(default=300.0, gt=0)
     build_timeout_seconds: float = Field(default=3600.0, gt=0)
+    #: One base-image pull; a registry that stalls must not hold a build (or a worker) forever.
+    pull_timeout_seconds: float = Field(default=600.0, gt=0)
+    #: The whole build, every platform and attempt included (the Kubernetes Job's
+    #: activeDeadlineSeconds is at most this).
+    build_deadline_seconds: float = Field(default=7200.0, gt=0)
+    #: Memory and CPUs of one platform's build container (Docker) or Job (Kubernetes: its
+    #: containers' requests and limits); past the memory limit a build fails out of memory.
+    build_memory_mb: int = Field(default=4096, ge=64)
+    build_cpus: float = Field(default=1.0, gt=0)
     #: One push attempt; a registry that accepts connections but never answers would
     #: otherwise hold the engine (and the build) forever.
     push_timeout_seconds: float = Field(default=600.0, gt=0)
@@ -135,8 +144,14 @@ class Settings(BaseSettings):
     #: IMAGEBOT_* environment variables (see docs/kubernetes.md).
     k8s_build_script: str | None = None
     k8s_push_script: str | None = None
+    #: Trusted builds' pods run privileged (buildah on most clusters needs it); builds from
+    #: forks never do (see k8s_fork_builds).
     k8s_privileged: bool = True
+    #: Trusted builds only: a fork's pod is never on the host network.
     k8s_host_network: bool = False
+    #: Build pull requests from forks on the cluster (unprivileged pods, no token, credentials,
+    #: secrets or host network); off: such builds fail at once, saying so.
+    k8s_fork_builds: bool = True
     k8s_service_account: str | None = None
     #: Per platform, e.g. {"linux/arm64": {"kubernetes.io/arch": "arm64"}} (JSON).
     k8s_node_selectors: dict[str, dict[str, str]] = {}

@@ -231,7 +231,8 @@ class Pipeline:
             context=context, dockerfile=dockerfile, platform=platform, tag=None,
             build_args={**plan.build_args, **tags.buildkit_args(platform, build_platform())},
             labels=plan.labels, target=plan.target, pull_credentials=None,
-            image=target, source=source, build_id=build.id, push=plan.push, secrets=plan.secrets,
+            image=target, source=source, build_id=build.id, push=plan.push, masked=plan.secrets,
+            trusted=plan.trusted,
         )
         try:
             return await self._build_and_push(build, plan, job, target, credentials, started)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -130,7 +130,13 @@ class BuildJob:
     #: Whether a push follows the build (untrusted builds never push).
     push: bool = False
     #: Build-arg values to keep out of every spec, argv and log.
-    secrets: tuple[str, ...] = ()
+    masked: tuple[str, ...] = ()
+    #: Operator-provided build secrets, name -> value (buildah/BuildKit ``--secret``); always
+    #: empty for untrusted builds (forks).
+    secrets: dict[str, str] = field(default_factory=dict)
+    #: Not a fork's pull request (the pipeline's Plan.trusted): only a trusted build's pod may
+    #: get a token, credentials, secrets or privileges (runtimes that isolate builds read it).
+    trusted: bool = False
 
 
 @dataclass(frozen=True)

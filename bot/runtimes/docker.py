@@ -149,7 +149,7 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
 
 def _secrets(job: BuildJob) -> tuple[str, ...]:
     """What must not reach a message: secret build args and the registry passwords."""
-    return job.secrets + tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
+    return job.masked + tuple(c.password.get_secret_value() for c in (job.pull_credentials or {}).values())
 
 
 def platform_mixup(message: str) -> bool:
