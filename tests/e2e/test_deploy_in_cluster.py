@@ -179,6 +179,8 @@ data:
   # Nothing can be pulled here: the builder image is the one scripts/k8s imported.
   IMAGEBOT_K8S_BUILDER_IMAGE: "{builder_image}"
   IMAGEBOT_K8S_IMAGE_PULL_POLICY: "Never"
+  # Two cores, shared with every other test's pods: small requests (the limits stay).
+  IMAGEBOT_K8S_RESOURCES: '{{"requests": {{"cpu": "100m", "memory": "128Mi"}}}}'
 """)
     (directory / "deployment.yaml").write_text(f"""\
 # Only host-network pods have a network on this cluster (its CNI is loopback only) ...
