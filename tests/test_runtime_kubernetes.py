@@ -637,3 +637,47 @@ def test_deadlines_end_a_build_timeout_and_memory_past_the_limit_fails_it_out_of
     hungry = build("RUN x=$(head -c 600000000 /dev/zero | tr '\\0' a) && echo ${#x}\n", build_memory_mb=256)
     assert (hungry.status.value, hungry.step, hungry.error_kind) == ("failed", "build", "build"), hungry
     assert "out of memory" in hungry.error_message and "256 MiB" in hungry.error_message, hungry.error_message
+
+
+def test_a_trusted_build_mounts_operator_build_secrets_as_files_and_no_credential_is_in_its_env(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    """BuildJob.secrets reach a trusted build's RUN --mount=type=secret (buildah --secret, files of
+    the per-build Secret), and neither they nor the token are in the build step's environment."""
+    from pydantic import SecretStr
+
+    from bot.runtimes import Source
+
+    import hashlib
+
+    value = "operator-secret-for-RUN-mount-only"
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    files = {"Dockerfile": f"FROM {services['IMAGEBOT_DEV_BASE_IMAGE']}\n"
+                           "RUN --mount=type=secret,id=NPM_TOKEN test \"$(sha256sum < /run/secrets/NPM_TOKEN | cut -c1-64)\" = "
+                           f"{digest} && ! env | grep -q -f /run/secrets/NPM_TOKEN -e ghs_ -e Authorization "
+                           "&& echo secret-seen\n"}
+    repo = make_repo(tmp_path / "srv", "acme/app", files)
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, platforms=["linux/amd64"])
+    root = Path("/checkout")
+    lines: list[str] = []
+
+    async def sink(batch: list[str]) -> None:
+        lines.extend(batch)
+
+    async def go(job: BuildJob) -> str:
+        runtime = KubernetesRuntime(settings)
+        try:
+            return await runtime.build(job, sink)
+        finally:
+            await runtime.release(job.image)
+            await runtime.close()
+
+    with GitHTTPServer(tmp_path / "srv") as server:
+        job = BuildJob(root, root / "Dockerfile", "linux/amd64", None, {}, {}, trusted=True,
+                       image=f"{settings.registry}/acme/app:secret-linux-amd64", build_id=random.randrange(10**6, 10**7),
+                       source=Source(root, server.repo_url("acme/app"), repo.head(), "refs/heads/main",
+                                     SecretStr("ghs_" + "t" * 36), "x-access-token"),
+                       secrets={"NPM_TOKEN": value})
+        assert asyncio.run(go(job)) == job.image
+    assert "secret-seen" in lines, lines[-20:]
+    assert not any(value in line for line in lines)
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job and its pod deleted")

@@ -225,6 +225,8 @@ def test_only_the_fetch_step_sees_the_token():
     pod = manifest["spec"]["template"]["spec"]
     mounted = {m["name"] for m in by_name["fetch"]["volumeMounts"]}
     assert mounted == {"work"}  # and no Secret volume
+    fetch_context = by_name["fetch"]["securityContext"]  # git needs no privilege, even for a trusted build
+    assert fetch_context["privileged"] is False and fetch_context["capabilities"] == {"drop": ["ALL"]}
     job_volume = next(v for v in pod["volumes"] if v["name"] == "job")
     assert not {i["key"] for i in job_volume["secret"]["items"]} & git_keys
 

@@ -1,14 +1,21 @@
 """The Kubernetes runtime: each platform is a batch/v1 Job in ``IMAGEBOT_K8S_NAMESPACE``.
 
-The Job's pod has two containers sharing an ``emptyDir``:
+The Job's pod has three containers sharing an ``emptyDir``, each with what it needs only:
 
-- ``build`` (an init container) fetches exactly the build's commit with git (the forge token
-  reaches it only as ``GIT_CONFIG_*`` variables from a per-build Secret), and builds the context
-  for the platform with buildah into the platform tag;
+- ``fetch`` (an init container) fetches exactly the build's commit with git; it is the only
+  one that gets the forge token (``GIT_CONFIG_*`` variables from a per-build Secret), and a
+  fork's build gets none;
+- ``build`` (an init container) builds the context for the platform with buildah into the
+  platform tag. It runs the repository's Dockerfile, so no variable of it holds a credential: a
+  trusted build's registry config.json is a file of a Secret volume (``--authfile``), its
+  operator build secrets files (``--secret``); a fork's gets neither, and is never privileged;
 - ``push`` pushes that tag, once, writing the digest (or the registry's error) as its
   termination message. The registry credentials come from the namespace's
   ``kubernetes.io/dockerconfigjson`` Secret as an environment variable, which the kubelet reads
-  again at every container start.
+  again at every container start (the build step's file follows a patched Secret too: the
+  kubelet refreshes Secret volumes when it syncs the pod, which a failed run makes it do).
+
+Every container has the build's memory and CPU limits, the Job a deadline (kind ``timeout``).
 
 With ``IMAGEBOT_K8S_LAYER_CACHE_DIR``, a trusted build keeps buildah's storage in a ``hostPath``
 directory of its node instead (one per image repository and platform) and builds with
@@ -160,7 +167,7 @@ UNTRUSTED_BUILD_SECURITY: dict[str, Any] = {
     "privileged": False, "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"], "add": ["SETUID", "SETGID", "SETFCAP"]},
 }
-#: A fork's fetch and (no-)push steps: git and echo need no capability at all.
+#: Every fetch step, and a fork's (no-)push step: git and echo need no capability at all.
 UNTRUSTED_SECURITY: dict[str, Any] = {"privileged": False, "allowPrivilegeEscalation": False,
                                       "capabilities": {"drop": ["ALL"]}}
 #: buildah --userns-uid-map/--userns-gid-map of a fork's RUN steps: container root is host uid 100000.
@@ -189,6 +196,11 @@ def build_secrets(job: BuildJob) -> dict[str, str]:
     return dict(job.secrets)
 
 
+def gets_registry_auth(job: BuildJob) -> bool:
+    """Whether the pod gets the registry Secret: a trusted build that pushes or pulls with it."""
+    return trusted(job) and bool(job.push or job.pull_credentials)
+
+
 def job_name(build_id: int, platform: str) -> str:
     return f"imagebot-{build_id}-{slug(platform)}"
 
@@ -204,10 +216,6 @@ def dockerconfigjson(creds: dict[str, Credentials]) -> str:
 
 def _seconds(value: float) -> int:
     return max(1, int(value + 0.999))
-
-
-async def _nolog(lines: list[str]) -> None:
-    """A log sink for what only needs a _Platform's properties."""
 
 
 def _b64(text: str) -> str:
@@ -321,8 +329,7 @@ class _Platform:
 
     @property
     def has_registry_auth(self) -> bool:
-        """Whether the pod gets the registry Secret (untrusted builds never do)."""
-        return trusted(self.job) and bool(self.job.push or self.job.pull_credentials)
+        return gets_registry_auth(self.job)
 
 
 class KubernetesRuntime:
@@ -468,50 +475,35 @@ class KubernetesRuntime:
             env += [{"name": "IMAGEBOT_STORAGE", "value": "/cache"}, {"name": "IMAGEBOT_LAYERS", "value": "true"}]
             mounts.append({"name": "cache", "mountPath": "/cache"})
             volumes.append({"name": "cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}})
-        build_env, build_mounts = list(env), [*mounts, {"name": "job", "mountPath": "/imagebot", "readOnly": True}]
-        build_env += [
-            {"name": "IMAGEBOT_CONTEXT", "value": str(job.context.relative_to(job.source.root)) or "."},
-            {"name": "IMAGEBOT_DOCKERFILE", "value": str(job.dockerfile.relative_to(job.source.root))},
-            {"name": "IMAGEBOT_TARGET", "value": job.target or ""},
-            {"name": "IMAGEBOT_BUILD_TIMEOUT", "value": str(_seconds(s.pull_timeout_seconds + s.build_timeout_seconds))},
-        ]
-        if _Platform(name, job, _nolog).has_registry_auth:  # untrusted builds never see the registry Secret
-            # a file in a Secret volume (optional: with no registry credentials configured
-            # there is no Secret, an anonymous registry), never a variable a RUN inherits
+        if gets_registry_auth(job):  # untrusted builds never see the registry Secret
+            # optional: with no registry credentials configured there is no Secret (an
+            # anonymous registry); the scripts take a missing file / empty variable as "none"
             volumes.append({"name": "registry", "secret": {"secretName": REGISTRY_SECRET, "optional": True, "items": [
                 {"key": ".dockerconfigjson", "path": "auth.json"}]}})
-            build_mounts.append({"name": "registry", "mountPath": AUTH_DIR, "readOnly": True})
-            build_env.append({"name": "IMAGEBOT_AUTHFILE", "value": f"{AUTH_DIR}/auth.json"})
-        common = {
-            "image": s.k8s_builder_image,
-            "imagePullPolicy": s.k8s_image_pull_policy,
-            "securityContext": self._security(job, "fetch"),
-            "resources": self.resources(),
-            "terminationMessagePolicy": "File",
+        containers = [self._fetch_container(name, job), self._build_container(job, env, mounts),
+                      self._push_container(job, env, mounts)]
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "labels": self._labels(job)},
+            "spec": {
+                # the bot decides when to give up; the Job controller must not decide first:
+                # each build and each push may run ``attempts`` times, and once more each when
+                # the kubelet restarted it before it saw refreshed credentials
+                "backoffLimit": 2 * (s.push_retries + 2) + 3,
+                "activeDeadlineSeconds": self.deadline(job),
+                "template": {"metadata": {"labels": self._labels(job)},
+                             "spec": self._pod_spec(job, containers, volumes)},
+            },
         }
-        fetch = {**common, "name": "fetch", "command": ["/bin/sh", "-c", FETCH_SCRIPT],
-                 "env": [{"name": "IMAGEBOT_CLONE_URL", "value": job.source.clone_url},
-                         {"name": "IMAGEBOT_SHA", "value": job.source.sha},
-                         {"name": "IMAGEBOT_REF", "value": job.source.ref},
-                         {"name": "HOME", "value": "/work"},
-                         *({"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}}
-                           for k in sorted(self._fetch_env(job)))],
-                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]}
-        if not trusted(job):
-            build_env.append({"name": "IMAGEBOT_USERNS", "value": UNTRUSTED_USERNS})
-        build = {**common, "name": "build", "command": ["/bin/sh", "-c", s.k8s_build_script or BUILD_SCRIPT],
-                 "env": build_env, "volumeMounts": build_mounts, "securityContext": self._security(job, "build")}
-        push_env = list(env)
-        if job.push:  # the push step runs buildah push only: the credentials may be a variable
-            push_env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
-                "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
-        push = {**common, "name": "push", "env": push_env, "volumeMounts": mounts,
-                "command": ["/bin/sh", "-c", (s.k8s_push_script or PUSH_SCRIPT) if job.push else DONE_SCRIPT]}
-        host_network = s.k8s_host_network and trusted(job)
+
+    def _pod_spec(self, job: BuildJob, containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+        s = self.settings
+        host_network = s.k8s_host_network and trusted(job)  # a fork's pod: the cluster's network
         pod: dict[str, Any] = {
             "restartPolicy": "OnFailure",
-            "initContainers": [fetch, build],
-            "containers": [push],
+            "initContainers": containers[:2],
+            "containers": containers[2:],
             "volumes": volumes,
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
@@ -524,17 +516,52 @@ class KubernetesRuntime:
             pod["dnsPolicy"] = "ClusterFirstWithHostNet"
         if s.k8s_service_account:
             pod["serviceAccountName"] = s.k8s_service_account
-        return {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": name, "labels": self._labels(job)},
-            "spec": {
-                # the bot decides when to give up; the Job controller must not decide first
-                "backoffLimit": 2 * (s.push_retries + 2) + 3,
-                "activeDeadlineSeconds": self.deadline(job),
-                "template": {"metadata": {"labels": self._labels(job)}, "spec": pod},
-            },
-        }
+        return pod
+
+    def _container(self, job: BuildJob, name: str, script: str, env: list[dict[str, Any]],
+                   mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        s = self.settings
+        return {"name": name, "image": s.k8s_builder_image, "imagePullPolicy": s.k8s_image_pull_policy,
+                "command": ["/bin/sh", "-c", script], "env": env, "volumeMounts": mounts,
+                "securityContext": self._security(job, name), "resources": self.resources(),
+                "terminationMessagePolicy": "File"}
+
+    def _fetch_container(self, name: str, job: BuildJob) -> dict[str, Any]:
+        """git, and the token's variables one by one from the per-build Secret (a fork: none)."""
+        assert job.source is not None
+        env = [{"name": "IMAGEBOT_CLONE_URL", "value": job.source.clone_url},
+               {"name": "IMAGEBOT_SHA", "value": job.source.sha},
+               {"name": "IMAGEBOT_REF", "value": job.source.ref},
+               {"name": "HOME", "value": "/work"},
+               *({"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}}
+                 for k in sorted(self._fetch_env(job)))]
+        return self._container(job, "fetch", FETCH_SCRIPT, env, [{"name": "work", "mountPath": "/work"}])
+
+    def _build_container(self, job: BuildJob, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        """buildah, and files only: no variable a RUN inherits holds a credential."""
+        s = self.settings
+        assert job.source is not None
+        env = [*env,
+               {"name": "IMAGEBOT_CONTEXT", "value": str(job.context.relative_to(job.source.root)) or "."},
+               {"name": "IMAGEBOT_DOCKERFILE", "value": str(job.dockerfile.relative_to(job.source.root))},
+               {"name": "IMAGEBOT_TARGET", "value": job.target or ""},
+               {"name": "IMAGEBOT_BUILD_TIMEOUT", "value": str(_seconds(s.pull_timeout_seconds + s.build_timeout_seconds))}]
+        mounts = [*mounts, {"name": "job", "mountPath": "/imagebot", "readOnly": True}]
+        if gets_registry_auth(job):
+            mounts.append({"name": "registry", "mountPath": AUTH_DIR, "readOnly": True})
+            env.append({"name": "IMAGEBOT_AUTHFILE", "value": f"{AUTH_DIR}/auth.json"})
+        if not trusted(job):
+            env.append({"name": "IMAGEBOT_USERNS", "value": UNTRUSTED_USERNS})
+        return self._container(job, "build", s.k8s_build_script or BUILD_SCRIPT, env, mounts)
+
+    def _push_container(self, job: BuildJob, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        """buildah push only: the registry credentials may be a variable here."""
+        env = list(env)
+        if job.push and gets_registry_auth(job):
+            env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
+                "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
+        script = (self.settings.k8s_push_script or PUSH_SCRIPT) if job.push else DONE_SCRIPT
+        return self._container(job, "push", script, env, mounts)
 
     def _job_volume(self, name: str, job: BuildJob) -> dict[str, Any]:
         """The build step's files from the per-build Secret: never the token's keys."""
@@ -543,12 +570,15 @@ class KubernetesRuntime:
         return {"name": "job", "secret": {"secretName": name, "items": items}}
 
     def _security(self, job: BuildJob, step: str) -> dict[str, Any]:
-        """A trusted build's containers as the operator says (privileged by default); a
-        fork's never privileged: its build step builds in a user namespace of its own with
-        three capabilities, its other steps with none (see docs/kubernetes.md)."""
+        """The fetch step (git) needs no capability, whoever's build it is. A trusted build's
+        other steps run as the operator says (privileged by default); a fork's never do: its
+        build step builds in a user namespace of its own with three capabilities, its push
+        step (which pushes nothing) with none (see docs/kubernetes.md)."""
+        if step == "fetch" or (step == "push" and not trusted(job)):
+            return copy.deepcopy(UNTRUSTED_SECURITY)
         if trusted(job):
             return {"privileged": self.settings.k8s_privileged}
-        return copy.deepcopy(UNTRUSTED_BUILD_SECURITY if step == "build" else UNTRUSTED_SECURITY)
+        return copy.deepcopy(UNTRUSTED_BUILD_SECURITY)
 
     def resources(self) -> dict[str, dict[str, str]]:
         """Every container's requests and limits: IMAGEBOT_BUILD_MEMORY_MB and _CPUS, with

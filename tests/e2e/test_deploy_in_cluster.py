@@ -324,7 +324,7 @@ def test_deploy_runs_the_bot_in_cluster_and_builds_both_platforms_as_jobs(
     rendered = [d for d in yaml.safe_load_all(k8s.kubectl_run("kustomize", str(kustomization)).stdout) if d]
     assert sorted(d["kind"] for d in rendered) == sorted(
         ["Namespace", "Namespace", "ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
-         "Deployment", "Service"])
+         "Deployment", "Service", "NetworkPolicy"])
     (config,) = [d["data"] for d in rendered if d["kind"] == "ConfigMap"]
     assert not {"IMAGEBOT_K8S_KUBECONFIG", "IMAGEBOT_K8S_CONTEXT"} & set(config)  # in-cluster config
     k8s.kubectl_run("apply", "-k", str(kustomization))
