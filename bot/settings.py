@@ -176,7 +176,8 @@ class Settings(BaseSettings):
     #: One base-image pull (a registry that accepts connections and never answers would hold
     #: the build, and with it a worker slot, forever).
     pull_timeout_seconds: float = Field(default=600.0, gt=0)
-    #: The whole build, fetch to manifest list, retries included; past it: failed, ``timeout``.
+    #: The whole build, fetch to manifest list, retries included; past it: failed, ``timeout``
+    #: (the Kubernetes Job's activeDeadlineSeconds is at most this).
     build_deadline_seconds: float = Field(default=7200.0, gt=0)
     #: Each platform build's containers (Docker) or Job (Kubernetes): memory (no swap on top)
     #: and CPU cores; the defaults leave the bot and the engine their share of the machine.
@@ -201,8 +202,14 @@ class Settings(BaseSettings):
     #: IMAGEBOT_* environment variables (see docs/kubernetes.md).
     k8s_build_script: str | None = None
     k8s_push_script: str | None = None
+    #: Trusted builds' pods run privileged (buildah on most clusters needs it); builds from
+    #: forks never do (see k8s_fork_builds).
     k8s_privileged: bool = True
+    #: Trusted builds only: a fork's pod is never on the host network.
     k8s_host_network: bool = False
+    #: Build pull requests from forks on the cluster (unprivileged pods, no token, credentials,
+    #: secrets or host network); off: such builds fail at once, saying so.
+    k8s_fork_builds: bool = True
     k8s_service_account: str | None = None
     #: Per platform, e.g. {"linux/arm64": {"kubernetes.io/arch": "arm64"}} (JSON).
     k8s_node_selectors: dict[str, dict[str, str]] = {}

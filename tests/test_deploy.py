@@ -390,6 +390,51 @@ def test_no_cluster_scoped_rbac_and_the_role_is_exactly_what_the_runtime_needs()
         "every namespaced object names its namespace (kubectl apply -f without -n)"
 
 
+def egress_allows(policy: dict[str, Any], address: str, port: int) -> bool:
+    """Whether a NetworkPolicy's egress rules let a selected pod reach ``address:port`` over
+    TCP, as the Kubernetes API defines them (pure: rules are OR-ed, ``to`` and ``ports`` AND-ed)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+
+    def in_block(block: dict[str, Any]) -> bool:
+        cidr = ipaddress.ip_network(block["cidr"])
+        return ip.version == cidr.version and ip in cidr and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except", []) if ipaddress.ip_network(e).version == ip.version)
+
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        if ports and not any(p.get("protocol", "TCP") == "TCP" and p.get("port") == port for p in ports):
+            continue
+        peers = rule.get("to")
+        if not peers or any("ipBlock" in peer and in_block(peer["ipBlock"]) for peer in peers):
+            return True
+    return False
+
+
+def test_the_build_namespace_policy_denies_the_api_server_the_node_and_the_metadata_service() -> None:
+    """deploy/kubernetes/networkpolicy.yaml (server dry run: above) selects every build pod and
+    lets it reach the internet but not the cluster: the API server (its Service address here,
+    10.0.0.1, and the usual ones), the kubelet and other node ports, loopback, 169.254.169.254."""
+    from bot.runtimes.kubernetes import KubernetesRuntime
+    from tests.test_runtime_kubernetes_spec import fork, job
+
+    policy = only("NetworkPolicy")
+    assert policy["metadata"]["namespace"] == BUILD_NAMESPACE
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["ingress"] == []
+    runtime = KubernetesRuntime(load_settings(runtime="kubernetes"))
+    for build in (job(), fork()):
+        labels = runtime.job_manifest("imagebot-1-linux-amd64", build)["spec"]["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    denied = [("10.0.0.1", 443), ("10.96.0.1", 443), ("172.20.0.1", 6443), ("192.168.49.2", 8443),
+              ("10.244.0.7", 10250), ("127.0.0.1", 10250), ("127.0.0.1", 2379), ("169.254.169.254", 80),
+              ("100.100.100.200", 80), ("fd00:ec2::254", 80), ("::1", 10250)]
+    assert [target for target in denied if egress_allows(policy, *target)] == []
+    for target in (("140.82.112.3", 443), ("185.199.108.133", 443), ("2606:50c0:8000::154", 443)):
+        assert egress_allows(policy, *target), target  # a forge, a registry
+    assert egress_allows(policy, "10.0.0.10", 53)  # the cluster's DNS
+
+
 def test_every_deployment_probes_healthz_runs_non_root_and_has_resources() -> None:
     deployments = [o for o in all_objects() if o["kind"] == "Deployment"]
     assert deployments

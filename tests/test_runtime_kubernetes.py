@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,9 @@ from tests.test_pipeline_run import (  # noqa: F401 - database is a fixture
 )
 
 pytestmark = pytest.mark.timeout(1800)  # the first test may build the cluster (about 5 min)
+#: The node has two cores and every helper's test pods on it: requests that always fit (the
+#: limits stay IMAGEBOT_BUILD_MEMORY_MB and IMAGEBOT_BUILD_CPUS).
+SMALL_REQUESTS = {"requests": {"cpu": "100m", "memory": "128Mi"}}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def k8s_settings(k8s: Cluster, services, database, namespace: str, kubeconfig: P
     return settings_for(
         services, database, runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=kubeconfig,
         k8s_builder_image=k8s.builder_image, k8s_image_pull_policy="Never", k8s_host_network=True,
-        k8s_registry_tls_verify=False, k8s_poll_seconds=0.2, **overrides)
+        k8s_registry_tls_verify=False, k8s_poll_seconds=0.2, k8s_resources=SMALL_REQUESTS, **overrides)
 
 
 def jobs_and_pods(k8s: Cluster, namespace: str) -> tuple[list, list]:
@@ -177,7 +181,7 @@ def on_registry(k8s, registry, database, namespace, kubeconfig, **overrides):
                   platforms=["linux/amd64"], push_retries=2, retry_initial_seconds=0.2, retry_max_seconds=1.0,
                   runtime="kubernetes", k8s_namespace=namespace, k8s_kubeconfig=kubeconfig,
                   k8s_builder_image=k8s.builder_image, k8s_image_pull_policy="Never", k8s_host_network=True,
-                  k8s_registry_tls_verify=False, k8s_poll_seconds=0.2)
+                  k8s_registry_tls_verify=False, k8s_poll_seconds=0.2, k8s_resources=SMALL_REQUESTS)
     values.update(overrides)
     return make_settings(database.url, **values)
 
@@ -386,7 +390,8 @@ def test_a_cancelled_build_leaves_no_job_or_pod(k8s, services, database, namespa
         pipeline = Pipeline(settings, Telemetry(database))
         task = asyncio.create_task(pipeline(build))
         def building(pod) -> bool:
-            return any((s.get("state") or {}).get("running") for s in pod["status"].get("initContainerStatuses") or [])
+            return any(s["name"] == "build" and (s.get("state") or {}).get("running")
+                       for s in pod["status"].get("initContainerStatuses") or [])
 
         while not any(building(p) for p in jobs_and_pods(k8s, namespace)[1]):
             assert not task.done(), task.result()
@@ -440,6 +445,7 @@ def test_kill_9_mid_build_then_restart_adopts_the_jobs_and_reports(
             "IMAGEBOT_K8S_KUBECONFIG": str(bot_kubeconfig), "IMAGEBOT_K8S_BUILDER_IMAGE": k8s.builder_image,
             "IMAGEBOT_K8S_IMAGE_PULL_POLICY": "Never", "IMAGEBOT_K8S_HOST_NETWORK": "true",
             "IMAGEBOT_K8S_REGISTRY_TLS_VERIFY": "false", "IMAGEBOT_K8S_POLL_SECONDS": "0.2",
+            "IMAGEBOT_K8S_RESOURCES": json.dumps(SMALL_REQUESTS),
         }
         bot = BotProcess(["serve", "--port", str(port)], env, tmp_path / "bot.log").start()
         try:
@@ -493,8 +499,6 @@ def tree(root: Path) -> set[str]:
 
 def test_a_rebuild_reuses_cached_layers_and_a_fork_neither_reads_nor_writes_them(
         k8s, services, database, namespace, bot_kubeconfig, tmp_path):
-    from bot.models import BuildKind
-
     files = {"Dockerfile": f"FROM {services['IMAGEBOT_DEV_BASE_IMAGE']}\nARG TARGETARCH\n"
                            "RUN date +%s%N > /stamp && echo \"$TARGETARCH\" > /arch\n"
                            "COPY version.txt /version.txt\n",
@@ -540,12 +544,141 @@ def test_a_rebuild_reuses_cached_layers_and_a_fork_neither_reads_nor_writes_them
     before, after = layers(cold), layers(warm)
     assert len(before) == len(after) and before[:-1] == after[:-1] and before[-1] != after[-1]
 
-    # a fork's pull request builds from empty storage, and leaves the cache as it was
+    # a fork's pull request: its pod (unprivileged, no token, no credentials, no secrets)
+    # builds from empty storage, and leaves the cache as it was
     untouched = tree(cache)
-    repo.commit({"version.txt": "3\n"})
-    _, fork_log = build_once(ref="refs/pull/7/head", kind=BuildKind.pull_request, pr_number=7, fork=True)
-    # (its whole log: a build without a push is released at once, after its log was drained)
+    repo.commit({"version.txt": "3\n", "Dockerfile": files["Dockerfile"] + "RUN cat /proc/self/uid_map\n"})
+    with GitHTTPServer(tmp_path / "srv") as server:
+        fork_log = build_as_a_fork(k8s, namespace, settings, server, repo)
     assert any("COPY version.txt" in line for line in fork_log), fork_log
     assert not any("Using cache" in line for line in fork_log), fork_log
     assert tree(cache) == untouched
+    # its RUN steps ran as root of buildah's user namespace only: uid 100000 of the node
+    assert any(line.split() == ["0", "100000", "65536"] for line in fork_log), fork_log
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
+
+
+FORK_TOKEN = "ghs_forkNeverSeesThisToken0000000000000"
+FORK_SECRET = "an-operator-build-secret-a-fork-never-gets"
+
+
+def build_as_a_fork(k8s: Cluster, namespace: str, settings, server, repo) -> list[str]:
+    """A fork's pull request, built by the very Job and Secret the runtime makes for it, with one
+    change: host network. This node's pods have no other network (its CNI is loopback only), and
+    the runtime never puts a fork there; on a real cluster the pod network takes its place. The
+    runtime is handed a token and a build secret anyway, to show it drops them. The build log."""
+    from pydantic import SecretStr
+
+    from bot.runtimes import Source
+
+    root = Path("/checkout")
+    job = BuildJob(root, root / "Dockerfile", "linux/amd64", None, {"TARGETARCH": "amd64"}, {},
+                   image=f"{settings.registry}/acme/app:fork-linux-amd64", build_id=random.randrange(900_000, 1_000_000),
+                   source=Source(root, server.repo_url("acme/app"), repo.head(), "refs/heads/main",
+                                 SecretStr(FORK_TOKEN), "x-access-token"),
+                   push=False, trusted=False, secrets={"NPM_TOKEN": FORK_SECRET})
+    runtime = KubernetesRuntime(settings)
+    name = f"imagebot-fork-{job.build_id}"
+    secret, manifest = runtime.job_secret(name, job), runtime.job_manifest(name, job)
+    pod_spec = manifest["spec"]["template"]["spec"]
+    assert pod_spec["hostNetwork"] is False  # what the runtime asks for (settings say true)
+    pod_spec["hostNetwork"] = True  # what this node needs for any network at all
+    with k8s.client() as api:
+        expect(api.post(f"/api/v1/namespaces/{namespace}/secrets", json=secret), 201)
+        expect(api.post(f"/apis/batch/v1/namespaces/{namespace}/jobs", json=manifest), 201)
+        done = poll(lambda: (j := expect(api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")))
+                    ["status"].get("succeeded") or j["status"].get("failed"), 180, "the fork's Job to end")
+        pod = expect(api.get(f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": f"job-name={name}"}))
+        pod = pod["items"][0]
+        log = api.get(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/log",
+                      params={"container": "build"}).text.splitlines()
+        stored = expect(api.get(f"/api/v1/namespaces/{namespace}/secrets/{name}"))["data"]
+        expect(api.delete(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+                          params={"propagationPolicy": "Background"}))
+        expect(api.delete(f"/api/v1/namespaces/{namespace}/secrets/{name}"))
+    assert done and pod["status"]["phase"] == "Succeeded", (pod["status"], log[-20:])
+    # what the cluster ran: no token, credentials or secrets anywhere, nothing privileged
+    assert not [k for k in stored if k.startswith(("GIT_", "secret."))]
+    text = json.dumps([pod["spec"], stored])
+    assert FORK_TOKEN not in text and FORK_SECRET not in text and REGISTRY_SECRET not in text
+    for container in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        context = container["securityContext"]
+        assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert not [e for e in container.get("env", []) if "valueFrom" in e] and not container.get("envFrom")
+    return log
+
+
+# -- limits: deadlines and memory (issue 13, items 1 and 3) ----------------------------------------
+
+
+def test_deadlines_end_a_build_timeout_and_memory_past_the_limit_fails_it_out_of_memory(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    base = services["IMAGEBOT_TEST_BASE_IMAGE"]
+
+    def build(dockerfile: str, **limits):
+        root = tmp_path / f"srv-{len(list(tmp_path.glob('srv-*')))}"
+        repo = make_repo(root, "acme/app", {"Dockerfile": f"FROM {base}\n{dockerfile}",
+                                            ".imagebot.yml": "platforms: [linux/amd64]\n"})
+        settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, **limits)
+        with GitHTTPServer(root) as server:
+            outcome = run(settings, database, new_build(database, server, repo))
+        poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job and its pod deleted")
+        return outcome
+
+    # the whole build's deadline is the Job's activeDeadlineSeconds
+    late = build("RUN sleep 300\n", build_deadline_seconds=12)
+    assert (late.status.value, late.step, late.error_kind) == ("failed", "build", "timeout"), late
+    assert "deadline of 12 s" in late.error_message
+    # one build run's own deadline: pulls and build (the Job's is later)
+    slow = build("RUN sleep 301\n", build_timeout_seconds=4, pull_timeout_seconds=4)
+    assert (slow.status.value, slow.step, slow.error_kind) == ("failed", "build", "timeout"), slow
+    assert "did not finish in 8 s" in slow.error_message and "RUN sleep 301" in slow.error_message
+    # memory: the container's limit, and the kernel's OOM killer past it
+    hungry = build("RUN x=$(head -c 600000000 /dev/zero | tr '\\0' a) && echo ${#x}\n", build_memory_mb=256)
+    assert (hungry.status.value, hungry.step, hungry.error_kind) == ("failed", "build", "build"), hungry
+    assert "out of memory" in hungry.error_message and "256 MiB" in hungry.error_message, hungry.error_message
+
+
+def test_a_trusted_build_mounts_operator_build_secrets_as_files_and_no_credential_is_in_its_env(
+        k8s, services, database, namespace, bot_kubeconfig, tmp_path):
+    """BuildJob.secrets reach a trusted build's RUN --mount=type=secret (buildah --secret, files of
+    the per-build Secret), and neither they nor the token are in the build step's environment."""
+    from pydantic import SecretStr
+
+    from bot.runtimes import Source
+
+    import hashlib
+
+    value = "operator-secret-for-RUN-mount-only"
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    files = {"Dockerfile": f"FROM {services['IMAGEBOT_DEV_BASE_IMAGE']}\n"
+                           "RUN --mount=type=secret,id=NPM_TOKEN test \"$(sha256sum < /run/secrets/NPM_TOKEN | cut -c1-64)\" = "
+                           f"{digest} && ! env | grep -q -f /run/secrets/NPM_TOKEN -e ghs_ -e Authorization "
+                           "&& echo secret-seen\n"}
+    repo = make_repo(tmp_path / "srv", "acme/app", files)
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig, platforms=["linux/amd64"])
+    root = Path("/checkout")
+    lines: list[str] = []
+
+    async def sink(batch: list[str]) -> None:
+        lines.extend(batch)
+
+    async def go(job: BuildJob) -> str:
+        runtime = KubernetesRuntime(settings)
+        try:
+            return await runtime.build(job, sink)
+        finally:
+            await runtime.release(job.image)
+            await runtime.close()
+
+    with GitHTTPServer(tmp_path / "srv") as server:
+        job = BuildJob(root, root / "Dockerfile", "linux/amd64", None, {}, {}, trusted=True,
+                       image=f"{settings.registry}/acme/app:secret-linux-amd64", build_id=random.randrange(10**6, 10**7),
+                       source=Source(root, server.repo_url("acme/app"), repo.head(), "refs/heads/main",
+                                     SecretStr("ghs_" + "t" * 36), "x-access-token"),
+                       secrets={"NPM_TOKEN": value})
+        assert asyncio.run(go(job)) == job.image
+    assert "secret-seen" in lines, lines[-20:]
+    assert not any(value in line for line in lines)
+    poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "the Job and its pod deleted")

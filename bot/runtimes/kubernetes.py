@@ -1,14 +1,21 @@
 """The Kubernetes runtime: each platform is a batch/v1 Job in ``IMAGEBOT_K8S_NAMESPACE``.
 
-The Job's pod has two containers sharing an ``emptyDir``:
+The Job's pod has three containers sharing an ``emptyDir``, each with what it needs only:
 
-- ``build`` (an init container) fetches exactly the build's commit with git (the forge token
-  reaches it only as ``GIT_CONFIG_*`` variables from a per-build Secret), and builds the context
-  for the platform with buildah into the platform tag;
+- ``fetch`` (an init container) fetches exactly the build's commit with git; it is the only
+  one that gets the forge token (``GIT_CONFIG_*`` variables from a per-build Secret), and a
+  fork's build gets none;
+- ``build`` (an init container) builds the context for the platform with buildah into the
+  platform tag. It runs the repository's Dockerfile, so no variable of it holds a credential: a
+  trusted build's registry config.json is a file of a Secret volume (``--authfile``), its
+  operator build secrets files (``--secret``); a fork's gets neither, and is never privileged;
 - ``push`` pushes that tag, once, writing the digest (or the registry's error) as its
   termination message. The registry credentials come from the namespace's
   ``kubernetes.io/dockerconfigjson`` Secret as an environment variable, which the kubelet reads
-  again at every container start.
+  again at every container start (the build step's file follows a patched Secret too: the
+  kubelet refreshes Secret volumes when it syncs the pod, which a failed run makes it do).
+
+Every container has the build's memory and CPU limits, the Job a deadline (kind ``timeout``).
 
 With ``IMAGEBOT_K8S_LAYER_CACHE_DIR``, a trusted build keeps buildah's storage in a ``hostPath``
 directory of its node instead (one per image repository and platform) and builds with
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import json
 import logging
@@ -78,32 +86,51 @@ LOG_DRAIN_SECONDS = 5.0
 
 # The default scripts: POSIX sh, every input from the environment (never spliced into the
 # script), so a branch name or a build arg cannot become a command.
-BUILD_SCRIPT = r"""set -eu
-cd /work
-rm -f /work/auth.json /work/build.rc
-if [ -n "${REGISTRY_AUTH:-}" ]; then printf '%s' "$REGISTRY_AUTH" > /work/auth.json; fi
-used=$(printf '%s' "${REGISTRY_AUTH:-}" | sha256sum | cut -d' ' -f1)
-git init -q src && cd src
-if ! git fetch -q --depth 1 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_SHA" 2>/dev/null; then
-  git fetch -q --depth 50 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_REF"
+#: The fetch step: the only container that gets the forge token (as GIT_CONFIG_* variables; a
+#: fork's build gets none). It runs git only, never the repository's code.
+FETCH_SCRIPT = r"""set -eu
+rm -rf /work/src
+git init -q /work/src && cd /work/src
+if ! git fetch -q --depth 1 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_SHA" 2>/tmp/err; then
+  if ! git fetch -q --depth 50 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_REF" 2>/tmp/err; then
+    cat /tmp/err >&2; tail -c 2000 /tmp/err > /dev/termination-log; exit 1
+  fi
 fi
 git checkout -q "$IMAGEBOT_SHA"
 echo "imagebot: fetched $IMAGEBOT_SHA"
+"""
+#: The build step: runs the repository's Dockerfile, so it gets no token and no variable with a
+#: credential; a trusted build's pull credentials are a file buildah reads (--authfile), its
+#: operator build secrets files buildah mounts for RUN --mount=type=secret (--secret).
+BUILD_SCRIPT = r"""set -eu
+cd /work/src
+rm -f /work/build.rc
+auth=${IMAGEBOT_AUTHFILE:-}
+[ -n "$auth" ] && [ -s "$auth" ] || auth=
+used=$({ [ -z "$auth" ] || cat "$auth"; } | sha256sum | cut -d' ' -f1)
 set -- --platform "$IMAGEBOT_PLATFORM" -f "$IMAGEBOT_DOCKERFILE" -t "$IMAGEBOT_IMAGE"
-if [ -s /work/auth.json ]; then set -- "$@" --authfile /work/auth.json; fi
+if [ -n "$auth" ]; then set -- "$@" --authfile "$auth"; fi
 if [ -n "${IMAGEBOT_TARGET:-}" ]; then set -- "$@" --target "$IMAGEBOT_TARGET"; fi
 while IFS= read -r arg; do [ -n "$arg" ] && set -- "$@" --build-arg "$arg"; done < /imagebot/build-args
 while IFS= read -r label; do [ -n "$label" ] && set -- "$@" --label "$label"; done < /imagebot/labels
+for secret in /imagebot/secrets/*; do [ -f "$secret" ] && set -- "$@" --secret "id=${secret##*/},src=$secret"; done
 # a trusted build with the layer cache on keeps its storage on the node (IMAGEBOT_STORAGE)
 if [ "${IMAGEBOT_LAYERS:-false}" = true ]; then set -- "$@" --layers; fi
+# a fork's RUN steps: root there is an unprivileged uid of the node
+if [ -n "${IMAGEBOT_USERNS:-}" ]; then set -- "$@" --userns-uid-map "$IMAGEBOT_USERNS" --userns-gid-map "$IMAGEBOT_USERNS"; fi
 store=${IMAGEBOT_STORAGE:-/work}
-{ buildah --root "$store/storage" --runroot "$store/run" --storage-driver vfs bud --isolation chroot \
-  --tls-verify="$IMAGEBOT_TLS_VERIFY" "$@" "$IMAGEBOT_CONTEXT" 2>&1 || echo "$?" > /work/build.rc; } | tee /work/build.log
+started=$(date +%s)
+{ timeout -k 10 "$IMAGEBOT_BUILD_TIMEOUT" buildah --root "$store/storage" --runroot "$store/run" \
+  --storage-driver vfs bud --isolation chroot --tls-verify="$IMAGEBOT_TLS_VERIFY" "$@" "$IMAGEBOT_CONTEXT" 2>&1 \
+  || echo "$?" > /work/build.rc; } | tee /work/build.log
 [ -s /work/build.rc ] || exit 0
 # the step that failed and buildah's error lines (a FROM step: the registry's words on a base
 # image), and which credentials this run had: the kubelet may restart it before it sees a new Secret
 { grep -E '^(\[[0-9]+/[0-9]+\] )?STEP [0-9]+/[0-9]+: ' /work/build.log | tail -n 1 | cut -c 1-500
-  { sed -n '/^Error: /,$p' /work/build.log | grep . || tail -n 5 /work/build.log; } | tail -c 2000; echo
+  if [ $(( $(date +%s) - started )) -ge "$IMAGEBOT_BUILD_TIMEOUT" ]; then
+    echo "imagebot-timeout: $IMAGEBOT_BUILD_TIMEOUT"
+  else { sed -n '/^Error: /,$p' /work/build.log | grep . || tail -n 5 /work/build.log; } | tail -c 2000; echo
+  fi
   echo "imagebot-auth: $used"; } > /dev/termination-log
 exit "$(cat /work/build.rc)"
 """
@@ -126,10 +153,53 @@ if [ "$rc" -eq 0 ]; then cat /tmp/digest > /dev/termination-log; exit 0; fi
 exit "$rc"
 """
 DONE_SCRIPT = "echo 'imagebot: built; this build pushes nothing'"
+#: Where the build step finds a trusted build's registry config.json (a Secret volume).
+AUTH_DIR = "/imagebot-auth"
+#: The per-build Secret's keys holding operator build secrets (files below /imagebot/secrets).
+SECRET_KEY_PREFIX = "secret."
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: A fork's build step: not privileged, no privilege to gain, every capability dropped but the
+#: three buildah needs to make its own user namespace (SETUID, SETGID, and SETFCAP, which Linux
+#: >= 5.12 asks for to map root). buildah (--isolation chroot, vfs) then builds as root of that
+#: namespace only, and its RUN steps run as host uids 100000-165535 (UNTRUSTED_USERNS), never
+#: as root of the node. Seen on the test node (1.20, containerd 1.6, kernel 6.x): this builds;
+#: seccomp RuntimeDefault does not (containerd's profile refuses unshare(CLONE_NEWUSER)).
+UNTRUSTED_BUILD_SECURITY: dict[str, Any] = {
+    "privileged": False, "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"], "add": ["SETUID", "SETGID", "SETFCAP"]},
+}
+#: Every fetch step, and a fork's (no-)push step: git and echo need no capability at all.
+UNTRUSTED_SECURITY: dict[str, Any] = {"privileged": False, "allowPrivilegeEscalation": False,
+                                      "capabilities": {"drop": ["ALL"]}}
+#: buildah --userns-uid-map/--userns-gid-map of a fork's RUN steps: container root is host uid 100000.
+UNTRUSTED_USERNS = "0:100000:65536"
+FORKS_OFF = ("builds of pull requests from forks are off on Kubernetes (IMAGEBOT_K8S_FORK_BUILDS=false): "
+             "they would run the fork's Dockerfile in the cluster; see docs/kubernetes.md")
 
 
 def slug(platform: str) -> str:
     return "-".join(filter(None, platform_parts(platform)))
+
+
+def trusted(job: BuildJob) -> bool:
+    """Whether the build is trusted (not a fork's pull request): only then does its pod get
+    a token, credentials, secrets, privileges, the host network or the layer cache."""
+    return job.trusted
+
+
+def build_secrets(job: BuildJob) -> dict[str, str]:
+    """The operator's build secrets this build may mount: a trusted build's, a fork never."""
+    if not trusted(job):
+        return {}
+    bad = sorted(name for name in job.secrets if not _SECRET_NAME.match(name))
+    if bad:
+        raise BuildError("config", f"build secret names must be letters, digits, '.', '_' or '-': {', '.join(bad)}")
+    return dict(job.secrets)
+
+
+def gets_registry_auth(job: BuildJob) -> bool:
+    """Whether the pod gets the registry Secret: a trusted build that pushes or pulls with it."""
+    return trusted(job) and bool(job.push or job.pull_credentials)
 
 
 def job_name(build_id: int, platform: str) -> str:
@@ -145,6 +215,10 @@ def dockerconfigjson(creds: dict[str, Credentials]) -> str:
     return json.dumps({"auths": auths}, sort_keys=True)
 
 
+def _seconds(value: float) -> int:
+    return max(1, int(value + 0.999))
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -157,6 +231,7 @@ class Termination:
     attempt: int  # 1 for the container's first run
     exit_code: int
     message: str
+    reason: str = ""  # the kubelet's: "Error", "Completed", "OOMKilled", ...
 
 
 def container_status(pod: dict[str, Any], name: str, init: bool = False) -> dict[str, Any] | None:
@@ -173,10 +248,10 @@ def terminations(status: dict[str, Any] | None) -> list[Termination]:
     seen = []
     last = (status.get("lastState") or {}).get("terminated")
     if last and restarts:
-        seen.append(Termination(restarts, last.get("exitCode", 1), last.get("message") or ""))
+        seen.append(Termination(restarts, last.get("exitCode", 1), last.get("message") or "", last.get("reason") or ""))
     now = (status.get("state") or {}).get("terminated")
     if now:
-        seen.append(Termination(restarts + 1, now.get("exitCode", 1), now.get("message") or ""))
+        seen.append(Termination(restarts + 1, now.get("exitCode", 1), now.get("message") or "", now.get("reason") or ""))
     return seen
 
 
@@ -207,6 +282,31 @@ def split_auth_note(message: str) -> tuple[str, str | None]:
     return message[: match.start()].strip(), match.group(1)
 
 
+def masked(job: BuildJob) -> tuple[str, ...]:
+    """What must not reach a message of this job: the operator's build secrets."""
+    return tuple(job.secrets.values())
+
+
+def failed_fetch(pod: dict[str, Any]) -> Termination | None:
+    """The fetch step's failed run, if it failed (it runs once: git only)."""
+    return next((t for t in terminations(container_status(pod, "fetch", init=True)) if t.exit_code != 0), None)
+
+
+def limit_failure(run: Termination, settings: Settings) -> BuildError | None:
+    """A build run that a limit ended (pure): the memory limit (the kubelet says OOMKilled:
+    kind ``build``, out of memory) or the build step's own deadline (kind ``timeout``)."""
+    if run.reason == "OOMKilled":
+        return BuildError("build", f"out of memory: the build went past its memory limit of {settings.build_memory_mb} "
+                                   f"MiB (IMAGEBOT_BUILD_MEMORY_MB) and was killed (OOMKilled)"
+                                   + (f" in {step}" if (step := last_step(run.message.splitlines())) else ""))
+    match = re.search(r"^imagebot-timeout: (\d+)$", run.message, re.M)
+    if match:
+        step = last_step(run.message.splitlines())
+        return BuildError("timeout", f"the build did not finish in {match[1]} s (IMAGEBOT_BUILD_TIMEOUT_SECONDS "
+                                     f"and IMAGEBOT_PULL_TIMEOUT_SECONDS)" + (f"; it was at {step}" if step else ""))
+    return None
+
+
 def unschedulable(pod: dict[str, Any]) -> str | None:
     for cond in pod.get("status", {}).get("conditions") or []:
         if cond["type"] == "PodScheduled" and cond["status"] == "False":
@@ -230,8 +330,7 @@ class _Platform:
 
     @property
     def has_registry_auth(self) -> bool:
-        """Whether the pod gets the registry Secret (untrusted builds never do)."""
-        return bool(self.job.push or self.job.pull_credentials)
+        return gets_registry_auth(self.job)
 
 
 class KubernetesRuntime:
@@ -306,18 +405,24 @@ class KubernetesRuntime:
             return True
 
     def job_secret(self, name: str, job: BuildJob) -> dict[str, Any]:
-        """What the pod must know but no spec may show: the fetch token and the build args."""
-        assert job.source is not None
-        env = {k: v for k, v in git_env(job.source.clone_url, job.source.token, job.source.username,
-                                        home=Path("/work")).items() if k.startswith("GIT_")}
+        """What the pod must know but no spec may show: the fetch token (trusted builds only,
+        and only the fetch step reads it), the build args, and a trusted build's operator
+        build secrets (as files, only the build step reads them)."""
         args = "\n".join(f"{k}={v}" for k, v in job.build_args.items() if "\n" not in v)
         labels = "\n".join(f"{k}={v}" for k, v in job.labels.items() if "\n" not in v)
-        return {
-            "metadata": {"name": name, "labels": self._labels(job)},
-            "type": "Opaque",
-            "data": {**{k: _b64(v) for k, v in env.items()},
-                     "build-args": _b64(args + "\n"), "labels": _b64(labels + "\n")},
-        }
+        data = {**{k: _b64(v) for k, v in self._fetch_env(job).items()},
+                "build-args": _b64(args + "\n"), "labels": _b64(labels + "\n")}
+        data.update({f"{SECRET_KEY_PREFIX}{k}": _b64(v) for k, v in build_secrets(job).items()})
+        return {"metadata": {"name": name, "labels": self._labels(job)}, "type": "Opaque", "data": data}
+
+    @staticmethod
+    def _fetch_env(job: BuildJob) -> dict[str, str]:
+        """git's token configuration (GIT_CONFIG_*) for the fetch step; none for a fork."""
+        assert job.source is not None
+        if not trusted(job):
+            return {}
+        return {k: v for k, v in git_env(job.source.clone_url, job.source.token, job.source.username,
+                                         home=Path("/work")).items() if k.startswith("GIT_")}
 
     # -- the Job ----------------------------------------------------------------------------
 
@@ -339,28 +444,25 @@ class KubernetesRuntime:
         return f"{root}/{key}-{slug(job.platform)}"
 
     def job_manifest(self, name: str, job: BuildJob) -> dict[str, Any]:
-        """The Job for one platform (pure, given the settings)."""
+        """The Job for one platform (pure, given the settings).
+
+        Three containers, each with what it needs and nothing more: ``fetch`` (init) gets the
+        token, ``build`` (init, the repository's Dockerfile) the build args and, for a trusted
+        build, the registry's config.json and the operator's build secrets as files, ``push``
+        the registry credentials. A fork's pod gets no token, credential or secret, is never
+        privileged and never on the host network."""
         s = self.settings
         assert job.source is not None and job.image is not None
+        if not trusted(job) and not s.k8s_fork_builds:
+            raise BuildError("config", FORKS_OFF)
         env = [
-            {"name": "IMAGEBOT_CLONE_URL", "value": job.source.clone_url},
-            {"name": "IMAGEBOT_SHA", "value": job.source.sha},
-            {"name": "IMAGEBOT_REF", "value": job.source.ref},
             {"name": "IMAGEBOT_PLATFORM", "value": job.platform},
             {"name": "IMAGEBOT_IMAGE", "value": job.image},
-            {"name": "IMAGEBOT_CONTEXT", "value": str(job.context.relative_to(job.source.root)) or "."},
-            {"name": "IMAGEBOT_DOCKERFILE", "value": str(job.dockerfile.relative_to(job.source.root))},
-            {"name": "IMAGEBOT_TARGET", "value": job.target or ""},
             {"name": "IMAGEBOT_TLS_VERIFY", "value": "true" if s.k8s_registry_tls_verify else "false"},
             {"name": "HOME", "value": "/work"},
         ]
-        if job.push or job.pull_credentials:  # untrusted builds never see the registry Secret
-            # optional: with no registry credentials configured there is no Secret to refer to
-            # (an anonymous registry), and the scripts take an empty REGISTRY_AUTH as "none"
-            env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
-                "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
         mounts = [{"name": "work", "mountPath": "/work"}]
-        volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
+        volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}, self._job_volume(name, job)]
         if (cache := self.layer_cache_path(job)) is not None:
             # Trusted builds keep buildah's storage on the node, one directory per image
             # repository and platform, and build with --layers: a rebuild reuses every step
@@ -375,52 +477,127 @@ class KubernetesRuntime:
             env += [{"name": "IMAGEBOT_STORAGE", "value": "/cache"}, {"name": "IMAGEBOT_LAYERS", "value": "true"}]
             mounts.append({"name": "cache", "mountPath": "/cache"})
             volumes.append({"name": "cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}})
-        common = {
-            "image": s.k8s_builder_image,
-            "imagePullPolicy": s.k8s_image_pull_policy,
-            "env": env,
-            "securityContext": {"privileged": s.k8s_privileged},
-            "resources": s.k8s_resources,
-            "terminationMessagePolicy": "File",
-        }
-        build = {**common, "name": "build", "command": ["/bin/sh", "-c", s.k8s_build_script or BUILD_SCRIPT],
-                 "envFrom": [{"secretRef": {"name": name}}],
-                 "volumeMounts": [*mounts, {"name": "job", "mountPath": "/imagebot", "readOnly": True}]}
-        push = {**common, "name": "push", "command": ["/bin/sh", "-c",
-                                                      (s.k8s_push_script or PUSH_SCRIPT) if job.push else DONE_SCRIPT],
-                "volumeMounts": mounts}
-        pod: dict[str, Any] = {
-            "restartPolicy": "OnFailure",
-            "initContainers": [build],
-            "containers": [push],
-            "volumes": [*volumes,
-                        {"name": "job", "secret": {"secretName": name, "items": [
-                            {"key": "build-args", "path": "build-args"}, {"key": "labels", "path": "labels"}]}}],
-            "automountServiceAccountToken": False,
-            "terminationGracePeriodSeconds": 5,
-            "hostNetwork": s.k8s_host_network,
-            "nodeSelector": {"kubernetes.io/os": platform_parts(job.platform)[0],
-                             **s.k8s_node_selectors.get(job.platform, {})},
-        }
-        if s.k8s_host_network:
-            pod["dnsPolicy"] = "ClusterFirstWithHostNet"
-        if s.k8s_service_account:
-            pod["serviceAccountName"] = s.k8s_service_account
-        attempts = s.push_retries + 1
-        # each build and each push may run ``attempts`` times, and once more each when the
-        # kubelet restarted it before it saw refreshed credentials
-        runs = 2 * (attempts + 1)
+        if gets_registry_auth(job):  # untrusted builds never see the registry Secret
+            # optional: with no registry credentials configured there is no Secret (an
+            # anonymous registry); the scripts take a missing file / empty variable as "none"
+            volumes.append({"name": "registry", "secret": {"secretName": REGISTRY_SECRET, "optional": True, "items": [
+                {"key": ".dockerconfigjson", "path": "auth.json"}]}})
+        containers = [self._fetch_container(name, job), self._build_container(job, env, mounts),
+                      self._push_container(job, env, mounts)]
         return {
             "apiVersion": "batch/v1",
             "kind": "Job",
             "metadata": {"name": name, "labels": self._labels(job)},
             "spec": {
-                # the bot decides when to give up; the Job controller must not decide first
-                "backoffLimit": runs + 3,
-                "activeDeadlineSeconds": int(attempts * (s.build_timeout_seconds + s.push_timeout_seconds)),
-                "template": {"metadata": {"labels": self._labels(job)}, "spec": pod},
+                # the bot decides when to give up; the Job controller must not decide first:
+                # each build and each push may run ``attempts`` times, and once more each when
+                # the kubelet restarted it before it saw refreshed credentials
+                "backoffLimit": 2 * (s.push_retries + 2) + 3,
+                "activeDeadlineSeconds": self.deadline(job),
+                "template": {"metadata": {"labels": self._labels(job)},
+                             "spec": self._pod_spec(job, containers, volumes)},
             },
         }
+
+    def _pod_spec(self, job: BuildJob, containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+        s = self.settings
+        host_network = s.k8s_host_network and trusted(job)  # a fork's pod: the cluster's network
+        pod: dict[str, Any] = {
+            "restartPolicy": "OnFailure",
+            "initContainers": containers[:2],
+            "containers": containers[2:],
+            "volumes": volumes,
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 5,
+            "hostNetwork": host_network,
+            "nodeSelector": {"kubernetes.io/os": platform_parts(job.platform)[0],
+                             **s.k8s_node_selectors.get(job.platform, {})},
+        }
+        if host_network:
+            pod["dnsPolicy"] = "ClusterFirstWithHostNet"
+        if s.k8s_service_account:
+            pod["serviceAccountName"] = s.k8s_service_account
+        return pod
+
+    def _container(self, job: BuildJob, name: str, script: str, env: list[dict[str, Any]],
+                   mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        s = self.settings
+        return {"name": name, "image": s.k8s_builder_image, "imagePullPolicy": s.k8s_image_pull_policy,
+                "command": ["/bin/sh", "-c", script], "env": env, "volumeMounts": mounts,
+                "securityContext": self._security(job, name), "resources": self.resources(),
+                "terminationMessagePolicy": "File"}
+
+    def _fetch_container(self, name: str, job: BuildJob) -> dict[str, Any]:
+        """git, and the token's variables one by one from the per-build Secret (a fork: none)."""
+        assert job.source is not None
+        env = [{"name": "IMAGEBOT_CLONE_URL", "value": job.source.clone_url},
+               {"name": "IMAGEBOT_SHA", "value": job.source.sha},
+               {"name": "IMAGEBOT_REF", "value": job.source.ref},
+               {"name": "HOME", "value": "/work"},
+               *({"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}}
+                 for k in sorted(self._fetch_env(job)))]
+        return self._container(job, "fetch", FETCH_SCRIPT, env, [{"name": "work", "mountPath": "/work"}])
+
+    def _build_container(self, job: BuildJob, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        """buildah, and files only: no variable a RUN inherits holds a credential."""
+        s = self.settings
+        assert job.source is not None
+        env = [*env,
+               {"name": "IMAGEBOT_CONTEXT", "value": str(job.context.relative_to(job.source.root)) or "."},
+               {"name": "IMAGEBOT_DOCKERFILE", "value": str(job.dockerfile.relative_to(job.source.root))},
+               {"name": "IMAGEBOT_TARGET", "value": job.target or ""},
+               {"name": "IMAGEBOT_BUILD_TIMEOUT", "value": str(_seconds(s.pull_timeout_seconds + s.build_timeout_seconds))}]
+        mounts = [*mounts, {"name": "job", "mountPath": "/imagebot", "readOnly": True}]
+        if gets_registry_auth(job):
+            mounts.append({"name": "registry", "mountPath": AUTH_DIR, "readOnly": True})
+            env.append({"name": "IMAGEBOT_AUTHFILE", "value": f"{AUTH_DIR}/auth.json"})
+        if not trusted(job):
+            env.append({"name": "IMAGEBOT_USERNS", "value": UNTRUSTED_USERNS})
+        return self._container(job, "build", s.k8s_build_script or BUILD_SCRIPT, env, mounts)
+
+    def _push_container(self, job: BuildJob, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        """buildah push only: the registry credentials may be a variable here."""
+        env = list(env)
+        if job.push and gets_registry_auth(job):
+            env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
+                "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
+        script = (self.settings.k8s_push_script or PUSH_SCRIPT) if job.push else DONE_SCRIPT
+        return self._container(job, "push", script, env, mounts)
+
+    def _job_volume(self, name: str, job: BuildJob) -> dict[str, Any]:
+        """The build step's files from the per-build Secret: never the token's keys."""
+        items = [{"key": "build-args", "path": "build-args"}, {"key": "labels", "path": "labels"}]
+        items += [{"key": f"{SECRET_KEY_PREFIX}{k}", "path": f"secrets/{k}"} for k in sorted(build_secrets(job))]
+        return {"name": "job", "secret": {"secretName": name, "items": items}}
+
+    def _security(self, job: BuildJob, step: str) -> dict[str, Any]:
+        """The fetch step (git) needs no capability, whoever's build it is. A trusted build's
+        other steps run as the operator says (privileged by default); a fork's never do: its
+        build step builds in a user namespace of its own with three capabilities, its push
+        step (which pushes nothing) with none (see docs/kubernetes.md)."""
+        if step == "fetch" or (step == "push" and not trusted(job)):
+            return copy.deepcopy(UNTRUSTED_SECURITY)
+        if trusted(job):
+            return {"privileged": self.settings.k8s_privileged}
+        return copy.deepcopy(UNTRUSTED_BUILD_SECURITY)
+
+    def resources(self) -> dict[str, dict[str, str]]:
+        """Every container's requests and limits: IMAGEBOT_BUILD_MEMORY_MB and _CPUS, with
+        K8S_RESOURCES' own values on top (e.g. smaller requests on a shared cluster)."""
+        s = self.settings
+        derived = {"cpu": f"{max(1, round(s.build_cpus * 1000))}m", "memory": f"{s.build_memory_mb}Mi"}
+        return {key: {**derived, **s.k8s_resources.get(key, {})} for key in ("requests", "limits")}
+
+    def deadline(self, job: BuildJob) -> int:
+        """The Job's activeDeadlineSeconds: every build attempt (its pulls and its build), and
+        every push attempt, after the fetch; never more than the whole build's deadline."""
+        s = self.settings
+        attempts = s.push_retries + 1
+        natural = s.fetch_timeout_seconds + attempts * (s.pull_timeout_seconds + s.build_timeout_seconds)
+        if job.push:
+            natural += attempts * s.push_timeout_seconds
+        return _seconds(min(natural, s.build_deadline_seconds))
 
     async def build(self, job: BuildJob, log: LogSink) -> str:
         """One build attempt: start (or adopt) the platform's Job and wait for its build step's
@@ -431,6 +608,8 @@ class KubernetesRuntime:
         failed init container by itself, reading the Secret again)."""
         if job.source is None or job.image is None or job.build_id is None:
             raise BuildError("runtime", "the Kubernetes runtime needs the commit's source and the image name")
+        if not trusted(job) and not self.settings.k8s_fork_builds:
+            raise BuildError("config", FORKS_OFF)
         name = job_name(job.build_id, job.platform)
         state = self._platforms.get(job.image)
         if state is None or state.name != name:
@@ -462,10 +641,15 @@ class KubernetesRuntime:
     async def _build_run(self, state: _Platform) -> str:
         """Wait for the build step's next run; its image, or why it failed."""
         def ended(pod: dict[str, Any]) -> bool:
-            return _next_run(pod, "build", state.built, init=True) is not None or _pod_over(pod)
+            return (_next_run(pod, "build", state.built, init=True) is not None or _pod_over(pod)
+                    or failed_fetch(pod) is not None)
 
         while True:
             pod = await self._until(state, ended, "its build step")
+            if (fetch := failed_fetch(pod)) is not None:
+                # the bot fetched the same commit a moment ago: the pod's own network is at fault
+                raise BuildError("runtime", f"the pod's fetch step exited {fetch.exit_code}: "
+                                            f"{sanitize(fetch.message, self._secrets(state)) or 'see the log'}")
             runs = _unseen_runs(pod, "build", state.built, init=True)
             # a run that built is the end (an adopted Job may also show a failed run before it)
             run = next((r for r in runs if r.exit_code == 0), runs[0] if runs else None)
@@ -491,6 +675,8 @@ class KubernetesRuntime:
         engine's error lines), and the fingerprint of the credentials it had."""
         detail, used = split_auth_note(run.message)
         secrets = self._secrets(state)
+        if (limited := limit_failure(run, self.settings)) is not None:
+            return limited, used
         pulled = pull_failure(last_step(detail.splitlines()), _error_lines(detail), secrets)
         if pulled is not None:
             return pulled, used
@@ -503,8 +689,9 @@ class KubernetesRuntime:
 
     def _secrets(self, state: _Platform) -> tuple[str, ...]:
         """What must not reach a message: secret build args and the registry passwords."""
-        passwords = tuple(c.password.get_secret_value() for c in self._written.values())
-        return tuple(state.job.secrets.values()) + passwords
+        token = state.job.source.token if state.job.source else None
+        return (*masked(state.job), *((token.get_secret_value(),) if token else ()),
+                *(c.password.get_secret_value() for c in self._written.values()))
 
     async def tag(self, image_id: str, target: str) -> None:
         """Nothing to do: the image was built under its platform tag."""
@@ -537,8 +724,7 @@ class KubernetesRuntime:
             # could not have worked, and is not an attempt. The next run (after the kubelet's
             # back-off) gets the new credentials.
             await log([f"imagebot: push run {attempt.attempt} had replaced credentials; waiting for the next run"])
-        secrets = tuple(state.job.secrets.values()) + (
-            (credentials.password.get_secret_value(),) if credentials else ())
+        secrets = masked(state.job) + ((credentials.password.get_secret_value(),) if credentials else ())
         if attempt.exit_code != 0:
             raise RegistryError.of(detail or f"the push step exited {attempt.exit_code}", secrets=secrets)
         digest = attempt.message.strip()
@@ -602,11 +788,14 @@ class KubernetesRuntime:
 
     async def _until(self, state: _Platform, done: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
         """Poll the Job's pod until ``done`` says so; fail clearly if it can never happen."""
-        since = time.monotonic()
+        since = podless = time.monotonic()
         while True:
             pod = await self._pod(state.name)
             if pod is not None:
+                podless = time.monotonic()
                 self._follow(state, pod)
+                if _pod_over(pod) and (job := await self._find_job(state.name)) is not None:
+                    raise_if_failed(state.name, job)
                 if done(pod):
                     return pod
                 if reason := stuck_reason(pod):
@@ -619,9 +808,8 @@ class KubernetesRuntime:
                 job = await self._find_job(state.name)
                 if job is None:
                     raise BuildError("runtime", f"Job {state.name} is gone (deleted by someone else?)")
-                if _job_failed(job):
-                    raise BuildError("runtime", f"Job {state.name} failed: {_job_failed(job)}")
-                if time.monotonic() - since > self.settings.k8s_schedule_timeout_seconds:
+                raise_if_failed(state.name, job)  # e.g. past its deadline: its pod was deleted
+                if time.monotonic() - podless > self.settings.k8s_schedule_timeout_seconds:
                     raise BuildError("unschedulable", f"Job {state.name} made no pod in "
                                                       f"{self.settings.k8s_schedule_timeout_seconds:.0f} s")
             await asyncio.sleep(self.settings.k8s_poll_seconds)
@@ -686,6 +874,17 @@ def _error_lines(detail: str) -> str:
     """A failed build's termination message without its step line: the engine's error."""
     lines = [line for line in detail.splitlines() if not is_step(line)]
     return "\n".join(lines).strip().removeprefix("Error: ")
+
+
+def raise_if_failed(name: str, job: dict[str, Any]) -> None:
+    """A Job the controller has failed: past its deadline (kind ``timeout``) or otherwise."""
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond["type"] == "Failed" and cond["status"] == "True":
+            if cond.get("reason") == "DeadlineExceeded":
+                raise BuildError("timeout", f"Job {name} ran past its deadline of "
+                                            f"{job['spec'].get('activeDeadlineSeconds')} s (activeDeadlineSeconds, from "
+                                            "IMAGEBOT_BUILD_DEADLINE_SECONDS and the build, pull and push timeouts)")
+            raise BuildError("runtime", f"Job {name} failed: {cond.get('message') or cond.get('reason') or 'failed'}")
 
 
 def _job_failed(job: dict[str, Any]) -> str | None:

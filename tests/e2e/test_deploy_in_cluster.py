@@ -182,6 +182,8 @@ data:
   IMAGEBOT_K8S_IMAGE_PULL_POLICY: "Never"
   # The forge the deliveries' clone URLs must be on: the test's git server (default: GitHub).
   IMAGEBOT_GITHUB_URL: "{github_url}"
+  # Two cores, shared with every other test's pods: small requests (the limits stay).
+  IMAGEBOT_K8S_RESOURCES: '{{"requests": {{"cpu": "100m", "memory": "128Mi"}}}}'
 """)
     (directory / "deployment.yaml").write_text(f"""\
 # Only host-network pods have a network on this cluster (its CNI is loopback only) ...
@@ -334,7 +336,7 @@ def test_deploy_runs_the_bot_in_cluster_and_builds_both_platforms_as_jobs(
     rendered = [d for d in yaml.safe_load_all(k8s.kubectl_run("kustomize", str(kustomization)).stdout) if d]
     assert sorted(d["kind"] for d in rendered) == sorted(
         ["Namespace", "Namespace", "ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
-         "Deployment", "Service"])
+         "Deployment", "Service", "NetworkPolicy"])
     (config,) = [d["data"] for d in rendered if d["kind"] == "ConfigMap"]
     assert not {"IMAGEBOT_K8S_KUBECONFIG", "IMAGEBOT_K8S_CONTEXT"} & set(config)  # in-cluster config
     k8s.kubectl_run("apply", "-k", str(kustomization))
