@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from bot.models import BuildKind
+from bot.models import BuildKind, github_visibility
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore, Ping
 from bot.webhooks.ingress import (
     WebhookError,
@@ -53,6 +53,7 @@ def _repo_fields(payload: dict[str, Any]) -> dict[str, Any]:
         "clone_url": field(payload, "repository.clone_url"),
         "default_branch": field(payload, "repository.default_branch", optional=True),
         "installation_id": field(payload, "installation.id", of=int, optional=True),
+        "visibility": github_visibility(field(payload, "repository.private", of=bool, optional=True)),
     }
 
 

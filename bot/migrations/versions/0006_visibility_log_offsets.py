@@ -1,0 +1,71 @@
+"""builds.visibility, log sizes and line offsets
+
+Every existing build counts as private (nobody recorded its repository's visibility); its log
+lines get their byte offsets and the build its log size, read once here.
+
+Revision ID: 0006
+Revises: 0004
+Create Date: 2026-12-04 20:00:00
+"""
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = '0006'
+down_revision: str | None = '0004'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_BATCH = 5000
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('builds', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('visibility', sa.String(length=16), nullable=False, server_default='private'))
+        batch_op.add_column(sa.Column('log_bytes', sa.BigInteger(), nullable=False, server_default='0'))
+        batch_op.add_column(sa.Column('log_lines', sa.BigInteger(), nullable=False, server_default='0'))
+        batch_op.add_column(sa.Column('log_truncated', sa.Boolean(), nullable=False, server_default=sa.false()))
+    with op.batch_alter_table('build_logs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('end_offset', sa.BigInteger(), nullable=False, server_default='0'))
+    _backfill(op.get_bind())
+    with op.batch_alter_table('build_logs', schema=None) as batch_op:
+        batch_op.create_index('ix_build_logs_build_id_end', ['build_id', 'end_offset'], unique=False)
+
+
+def _backfill(conn: sa.Connection) -> None:
+    """Each line's end in its build's rendered log (as bot.telemetry renders it)."""
+    logs, builds = sa.table('build_logs', sa.column('id'), sa.column('build_id'), sa.column('platform'),
+                            sa.column('line'), sa.column('end_offset')), \
+        sa.table('builds', sa.column('id'), sa.column('log_bytes'), sa.column('log_lines'))
+    totals: dict[int, list[int]] = {}
+    after = 0
+    while True:
+        rows = conn.execute(sa.select(logs.c.id, logs.c.build_id, logs.c.platform, logs.c.line)
+                            .where(logs.c.id > after).order_by(logs.c.id).limit(_BATCH)).all()
+        if not rows:
+            break
+        updates = []
+        for row in rows:
+            total = totals.setdefault(row.build_id, [0, 0])
+            total[0] += len(f"[{row.platform or 'build'}] {row.line}\n".encode())
+            total[1] += 1
+            updates.append({"i": row.id, "e": total[0]})
+        conn.execute(logs.update().where(logs.c.id == sa.bindparam("i")).values(end_offset=sa.bindparam("e")),
+                     updates)
+        after = rows[-1].id
+    if totals:
+        conn.execute(builds.update().where(builds.c.id == sa.bindparam("i"))
+                     .values(log_bytes=sa.bindparam("b"), log_lines=sa.bindparam("n")),
+                     [{"i": k, "b": v[0], "n": v[1]} for k, v in totals.items()])
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('build_logs', schema=None) as batch_op:
+        batch_op.drop_index('ix_build_logs_build_id_end')
+        batch_op.drop_column('end_offset')
+    with op.batch_alter_table('builds', schema=None) as batch_op:
+        batch_op.drop_column('log_truncated')
+        batch_op.drop_column('log_lines')
+        batch_op.drop_column('log_bytes')
+        batch_op.drop_column('visibility')
