@@ -267,37 +267,37 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
 
 #: Log lines read from storage per round of a log response.
 LOG_PAGE = 1000
-#: Bytes one rendered line has at most (prefix, MAX_LINE_CHARS of 4-byte UTF-8, newline): the
-#: lines a byte range touches end within this much past its last byte.
-_MAX_LINE_BYTES = 80 + telemetry.MAX_LINE_CHARS * 4 + 1
 
 
-def log_page(conn: Connection, build_id: int, after: int, last: int) -> list[Any]:
-    """The next lines of a byte range: those ending after byte ``after`` (exclusive end) that may
-    start at or before ``last``; read by offset, so a range costs its own lines only."""
-    return list(conn.execute(
-        select(build_logs.c.platform, build_logs.c.line, build_logs.c.end_offset)
-        .where(build_logs.c.build_id == build_id, build_logs.c.end_offset > after,
-               build_logs.c.end_offset <= last + _MAX_LINE_BYTES)
-        .order_by(build_logs.c.end_offset).limit(LOG_PAGE)
-    ))
+def log_page(conn: Connection, build_id: int, after: int, upto: int | None, limit: int) -> list[Any]:
+    """Up to ``limit`` lines, in order, that end after byte ``after`` (exclusive ends) and at
+    or before ``upto`` (None: anywhere). Read by offset, so a range costs its own lines only."""
+    query = select(build_logs.c.platform, build_logs.c.line, build_logs.c.end_offset).where(
+        build_logs.c.build_id == build_id, build_logs.c.end_offset > after)
+    if upto is not None:
+        query = query.where(build_logs.c.end_offset <= upto)
+    return list(conn.execute(query.order_by(build_logs.c.end_offset).limit(limit)))
 
 
 async def _log_bytes(request: Request, build_id: int, first: int, last: int):
-    """Bytes ``first``..``last`` (inclusive) of the rendered log, a page of lines at a time."""
-    after = first
-    while after <= last:
+    """Bytes ``first``..``last`` (inclusive) of the rendered log, a page of lines at a time:
+    the lines that end inside the range, then the one line that holds its last byte."""
+    after, done = first, False
+    while not done:
         here = after
-        rows = await read(request.app, lambda conn: log_page(conn, build_id, here, last))
+        rows = await read(request.app, lambda conn: log_page(conn, build_id, here, last + 1, LOG_PAGE))
+        if len(rows) < LOG_PAGE:
+            tail = max(after, rows[-1].end_offset if rows else after)
+            rows += await read(request.app, lambda conn: log_page(conn, build_id, tail, None, 1))
+            done = True
         for row in rows:
             text = telemetry.render_line(row.platform, row.line).encode()
             start = row.end_offset - len(text)
             if start > last:
                 return
             yield text[max(first - start, 0):min(last + 1, row.end_offset) - start]
-        if len(rows) < LOG_PAGE:
-            return
-        after = rows[-1].end_offset
+        if rows:
+            after = rows[-1].end_offset
 
 
 async def build_log(request: Request) -> Response:
