@@ -13,9 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from bot import telemetry
-from bot.api import auth
 from bot.app import create_app
-from bot.models import github_visibility, gitlab_visibility, utcnow
+from bot.models import utcnow
 from bot.webhooks import github, gitlab
 from tests.support import github_payload, gitlab_payload, make_settings, post_github
 from tests.test_queue import enqueue, request
@@ -23,6 +22,7 @@ from tests.test_queue import enqueue, request
 READ = "read-token-for-tests"
 ADMIN = "admin-token-for-tests"
 READER = {"Authorization": f"Bearer {READ}"}
+COOKIE = "imagebot_session"
 
 
 @pytest.fixture
@@ -57,6 +57,8 @@ def two_builds(db) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("private", "seen"), [(False, "public"), (True, "private"), (None, "private")])
 def test_github_visibility(private, seen):
+    from bot.models import github_visibility
+
     assert github_visibility(private) == seen
 
 
@@ -66,6 +68,8 @@ def test_github_visibility(private, seen):
     (20, "private", "private"),  # the two disagree: the stricter wins
 ])
 def test_gitlab_visibility(level, name, seen):
+    from bot.models import gitlab_visibility
+
     assert gitlab_visibility(level, name) == seen
 
 
@@ -165,7 +169,7 @@ def test_the_dashboard_login_sets_a_signed_httponly_samesite_cookie(app_for, two
     answer = bot.post("/login", data={"token": READ, "next": f"/builds/{private}"}, follow_redirects=False)
     assert answer.status_code == 303 and answer.headers["location"] == f"/builds/{private}"
     cookie = answer.headers["set-cookie"]
-    assert cookie.startswith(f"{auth.COOKIE}=") and "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
+    assert cookie.startswith(f"{COOKIE}=") and "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
     assert READ not in cookie
     assert bot.get(f"/builds/{private}").status_code == 200  # the client keeps the cookie
     assert [b["id"] for b in bot.get("/api/builds").json()["builds"]] == [private, public]
@@ -179,10 +183,10 @@ def test_a_forged_or_foreign_session_cookie_counts_for_nothing(app_for, two_buil
     public, private = two_builds
     other = app_for(read_token="another-deployments-token")
     foreign = other.post("/login", data={"token": "another-deployments-token"}, follow_redirects=False)
-    value = foreign.cookies[auth.COOKIE]
+    value = foreign.cookies[COOKIE]
     bot = app_for()
     for forged in (value, value[:-2] + "xx", "eyJyZWFkZXIiOnRydWV9"):
-        bot.cookies.set(auth.COOKIE, forged)
+        bot.cookies.set(COOKIE, forged)
         assert bot.get(f"/api/builds/{private}").status_code == 404
 
 

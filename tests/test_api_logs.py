@@ -16,7 +16,7 @@ from bot import queue, telemetry
 from bot.api.rest import log_text
 from bot.db import Database
 from bot.models import Build, BuildKind, builds, utcnow
-from bot.telemetry import LogCaps, Telemetry
+from bot.telemetry import Telemetry
 from tests.test_queue import enqueue, request
 
 MARKER = "imagebot: the log reached its cap"
@@ -42,6 +42,8 @@ def truncations(db, build_id: int) -> list[dict]:
 
 @pytest.mark.anyio
 async def test_a_flood_stops_at_the_line_cap_with_one_marker_and_one_event(db):
+    from bot.telemetry import LogCaps
+
     (build_id,) = enqueue(db, request())
     hub = Telemetry(db, log_caps=LogCaps(max_bytes=1 << 20, max_lines=100))
     subscription = hub.bus.subscribe()
@@ -61,6 +63,8 @@ async def test_a_flood_stops_at_the_line_cap_with_one_marker_and_one_event(db):
 
 @pytest.mark.anyio
 async def test_the_byte_cap_counts_the_log_as_served_and_other_builds_go_on(db, client):
+    from bot.telemetry import LogCaps
+
     full, other = enqueue(db, request(), request(ref="refs/heads/other"))
     hub = Telemetry(db, log_caps=LogCaps(max_bytes=4096, max_lines=100_000))
     line = "é" * 100  # 200 bytes in UTF-8, 214 with "[linux/arm64] " and the newline
@@ -129,6 +133,7 @@ def test_a_real_run_yes_build_is_capped_and_goes_on(database, tmp_path):
     """``RUN yes | head -c 40000000`` prints 20 million lines; with a cap of 2000 lines the log
     has 2000 lines and the marker, the database nothing more, and the build still succeeds."""
     from bot.pipeline.run import Pipeline
+    from bot.telemetry import LogCaps
     from tests.standins.git_http import GitHTTPServer, make_repo
     from tests.support import infra, make_settings
 
