@@ -174,3 +174,38 @@ def test_a_real_run_yes_build_is_capped_and_goes_on(database, tmp_path):
     names = [e["name"] for e in database.read_sync(lambda c: telemetry.events_of(c, build_id))]
     assert names.index("log_truncated") < names.index("build_platform_succeeded")
     assert database.read_sync(lambda c: c.execute(text("SELECT count(*) FROM build_logs")).scalar_one()) == 2001
+
+
+# -- the migration ----------------------------------------------------------------------------------
+
+
+def test_the_migration_gives_old_logs_their_offsets_and_old_builds_privacy(tmp_path):
+    from bot import db as dbmod
+    from bot.api.rest import log_page
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    dbmod.upgrade(url, "0004")
+    engine = dbmod.make_engine(url, writer=True)
+    with engine.begin() as conn:
+        for build_id in (1, 2):
+            conn.execute(text(
+                "INSERT INTO builds (id, provider, repo, clone_url, ref, sha, kind, fork, trigger, status, platforms,"
+                " created_at, attempts) VALUES (:i, 'github', 'acme/app', 'https://x.test/a.git', 'refs/heads/main',"
+                " 'a', 'branch', 0, 'push', 'succeeded', '[\"linux/amd64\"]', '2026-01-01 00:00:00', 1)"), {"i": build_id})
+        old = [(1, None, "fetched"), (2, "linux/amd64", "other build"), (1, "linux/amd64", "Step 1/2 : FROM ü")]
+        for build_id, platform, line in old:
+            conn.execute(text("INSERT INTO build_logs (build_id, platform, ts, line) VALUES (:b, :p, "
+                              "'2026-01-01 00:00:01', :l)"), {"b": build_id, "p": platform, "l": line})
+    engine.dispose()
+    dbmod.upgrade(url)
+    database = Database(url)
+    try:
+        rows = database.read_sync(lambda c: c.execute(
+            select(builds.c.id, builds.c.visibility, builds.c.log_bytes, builds.c.log_lines).order_by(builds.c.id)).all())
+        first = "[build] fetched\n[linux/amd64] Step 1/2 : FROM ü\n".encode()
+        assert [tuple(r) for r in rows] == [(1, "private", len(first), 2),
+                                            (2, "private", len("[linux/amd64] other build\n"), 1)]
+        ends = [r.end_offset for r in database.read_sync(lambda c: log_page(c, 1, 0, None, 10))]
+        assert ends == [len("[build] fetched\n"), len(first)]
+    finally:
+        database.close()

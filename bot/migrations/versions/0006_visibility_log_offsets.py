@@ -21,16 +21,15 @@ _BATCH = 5000
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('builds', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('visibility', sa.String(length=16), nullable=False, server_default='private'))
-        batch_op.add_column(sa.Column('log_bytes', sa.BigInteger(), nullable=False, server_default='0'))
-        batch_op.add_column(sa.Column('log_lines', sa.BigInteger(), nullable=False, server_default='0'))
-        batch_op.add_column(sa.Column('log_truncated', sa.Boolean(), nullable=False, server_default=sa.false()))
-    with op.batch_alter_table('build_logs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('end_offset', sa.BigInteger(), nullable=False, server_default='0'))
+    # plain ALTER TABLE ... ADD COLUMN (with constant defaults SQLite takes it): a batch copy of
+    # builds would have to drop a table that every other table's rows refer to
+    op.add_column('builds', sa.Column('visibility', sa.String(length=16), nullable=False, server_default='private'))
+    op.add_column('builds', sa.Column('log_bytes', sa.BigInteger(), nullable=False, server_default='0'))
+    op.add_column('builds', sa.Column('log_lines', sa.BigInteger(), nullable=False, server_default='0'))
+    op.add_column('builds', sa.Column('log_truncated', sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column('build_logs', sa.Column('end_offset', sa.BigInteger(), nullable=False, server_default='0'))
     _backfill(op.get_bind())
-    with op.batch_alter_table('build_logs', schema=None) as batch_op:
-        batch_op.create_index('ix_build_logs_build_id_end', ['build_id', 'end_offset'], unique=False)
+    op.create_index('ix_build_logs_build_id_end', 'build_logs', ['build_id', 'end_offset'], unique=False)
 
 
 def _backfill(conn: sa.Connection) -> None:
@@ -61,8 +60,8 @@ def _backfill(conn: sa.Connection) -> None:
 
 
 def downgrade() -> None:
+    op.drop_index('ix_build_logs_build_id_end', table_name='build_logs')
     with op.batch_alter_table('build_logs', schema=None) as batch_op:
-        batch_op.drop_index('ix_build_logs_build_id_end')
         batch_op.drop_column('end_offset')
     with op.batch_alter_table('builds', schema=None) as batch_op:
         batch_op.drop_column('log_truncated')
