@@ -205,8 +205,8 @@ def _relevant(message: dict[str, Any], build_id: int | None, logs: bool) -> tupl
     if kind == "builds_changed":
         ids = {i for i in message["ids"] if build_id in (None, i)}
         return bool(ids), ids
-    if kind == "stored":  # the watcher saw storage move (another process wrote)
-        return True, set()
+    if kind == "stored":  # the watcher saw these builds move (None: any); another process wrote
+        return message["ids"] is None or build_id is None or build_id in message["ids"], set()
     return False, set()
 
 
@@ -331,17 +331,38 @@ class _Held(EventSourceResponse):
             self._release()
 
 
+#: Builds the watcher names in one wake-up at most; past that it wakes every stream.
+_WATCH_IDS = 500
+
+
+def moved_builds(conn: Connection, seen: Position) -> tuple[Position, list[int] | None]:
+    """Where storage is now, and which builds have events or log lines after ``seen`` (None:
+    too many to name, or no ``seen`` yet)."""
+    here = current_position(conn)
+    if here == seen:
+        return here, []
+    ids: set[int] = set()
+    for table, after in ((telemetry_events, seen.event), (build_logs, seen.log)):
+        ids |= set(conn.execute(select(table.c.build_id).where(table.c.id > after)
+                                .group_by(table.c.build_id).limit(_WATCH_IDS + 1)).scalars())
+    return here, sorted(ids) if len(ids) <= _WATCH_IDS else None
+
+
 async def watch(app: Starlette) -> None:
     """One reader of storage for every stream of the app: every IMAGEBOT_POLL_SECONDS, while
-    streams are open, read where storage is and wake the streams if it moved (another process
-    wrote). Without it each stream polled by itself: N idle streams, N reads a second."""
+    streams are open, read where storage is and wake the streams whose builds moved (another
+    process wrote). Without it each stream polled by itself: N idle streams, N reads a second."""
     slots = slots_of(app)
-    seen = None
+    seen: Position | None = None
     while slots.subscriptions:
-        here = await read(app, current_position, gate="stream")
-        if here != seen:  # the first read too: a stream that just started may have read before a write
+        if seen is None:  # the first look: a stream that just started may have read before a write
+            here, ids = await read(app, current_position, gate="stream"), None
+        else:
+            last = seen
+            here, ids = await read(app, lambda conn: moved_builds(conn, last), gate="stream")
+        if ids is None or ids:
             for subscription in list(slots.subscriptions):
-                subscription._offer({"type": "stored"})
+                subscription._offer({"type": "stored", "ids": ids})
         seen = here
         await asyncio.sleep(app.state.settings.poll_seconds)  # a period, not a synchronisation
     app.state.stream_watcher = None
