@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -300,13 +300,14 @@ class Subscription:
     queue is dropped and it receives one ``{"type": "resync"}`` message, after which it should
     re-read what it missed from storage."""
 
-    def __init__(self, bus: Bus, maxsize: int) -> None:
+    def __init__(self, bus: Bus, maxsize: int, accept: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self._bus = bus
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+        self._accept = accept
         self.overflowed = False
 
     def _offer(self, message: dict[str, Any]) -> None:
-        if self.overflowed:
+        if self.overflowed or (self._accept is not None and not self._accept(message)):
             return
         try:
             self._queue.put_nowait(message)
@@ -322,27 +323,74 @@ class Subscription:
             self.overflowed = False
         return message
 
+    def drain(self) -> list[dict[str, Any]]:
+        """Every message waiting, without waiting for more."""
+        messages = []
+        while not self._queue.empty():
+            messages.append(self._queue.get_nowait())
+            if messages[-1].get("type") == "resync":
+                self.overflowed = False
+        return messages
+
     def close(self) -> None:
-        self._bus._subscribers.discard(self)
+        self._bus._discard(self)
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         while True:
             yield await self.get()
 
 
+def builds_of(message: dict[str, Any]) -> list[int] | None:
+    """The builds a bus message is about (None: not one build's, e.g. a resync)."""
+    try:
+        kind = message.get("type")
+        if kind == "event":
+            return [message["event"]["build_id"]]
+        if kind == "log":
+            return [message["build_id"]]
+        if kind == "builds_changed":
+            return list(message["ids"])
+    except (KeyError, TypeError):
+        pass
+    return None
+
+
 class Bus:
-    """Publish/subscribe inside one process: publishing never blocks the publisher."""
+    """Publish/subscribe inside one process: publishing never blocks the publisher.
+
+    A subscription may be about one build: it is kept under that build, so a message costs the
+    subscriptions it concerns, not every open stream of the process."""
 
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
+        self._by_build: dict[int, set[Subscription]] = {}
 
-    def subscribe(self, maxsize: int = 1000) -> Subscription:
-        subscription = Subscription(self, maxsize)
-        self._subscribers.add(subscription)
+    def subscribe(self, maxsize: int = 1000, accept: Callable[[dict[str, Any]], bool] | None = None,
+                  build_id: int | None = None) -> Subscription:
+        """A new subscription; ``accept`` (if given) picks the messages it takes, so that the
+        others cost one call, not a wake-up of its consumer; ``build_id``: only that build's
+        messages (and those about no build) reach it."""
+        subscription = Subscription(self, maxsize, accept)
+        if build_id is None:
+            self._subscribers.add(subscription)
+        else:
+            subscription._build_id = build_id
+            self._by_build.setdefault(build_id, set()).add(subscription)
         return subscription
 
+    def _discard(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+        build_id = getattr(subscription, "_build_id", None)
+        if build_id is not None and build_id in self._by_build:
+            self._by_build[build_id].discard(subscription)
+            if not self._by_build[build_id]:
+                del self._by_build[build_id]
+
     def publish(self, message: dict[str, Any]) -> None:
-        for subscription in list(self._subscribers):
+        about = builds_of(message)
+        keyed = ([s for b in about for s in self._by_build.get(b, ())] if about is not None
+                 else [s for group in self._by_build.values() for s in group])
+        for subscription in [*self._subscribers, *keyed]:
             subscription._offer(message)
 
 

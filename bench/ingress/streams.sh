@@ -2,8 +2,9 @@
 # Ingress with live streams open: the webhook benchmark of run.sh (signed GitHub pushes under
 # wrk, SQLite, no worker) first with no stream open, then with IDLE streams of a build that does
 # nothing and BUSY /api/events?logs=1 streams (every delivery moves two builds: each busy stream
-# is sent their states) held open by bench/ingress/streams.py, in one run. Prints a Markdown
-# table of req/s and p50/p99 for both. Only loopback is targeted; every run is bounded in time.
+# is sent their states) held open by bench/ingress/streams.py, then with none again (the
+# database grows during the run: the two runs without streams bound the drift). Prints a
+# Markdown table of req/s and p50/p99 for the three. Only loopback is targeted; every run is bounded in time.
 #   usage: bench/ingress/streams.sh [--idle 200] [--busy 20] [--connections 16] [--duration 20]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -53,18 +54,17 @@ opened=$(grep '^OPEN' "$work/streams.out" || echo "OPEN ? (streams.py did not re
 loaded=$(run "with streams")
 kill -TERM "$streams"; wait "$streams" || true
 messages=$(grep '^MESSAGES' "$work/streams.out" || echo "MESSAGES ?")
+after=$(run "no streams again")  # the database has grown meanwhile: this bounds the drift
 
-.venv/bin/python - "$quiet" "$loaded" "$opened" "$messages" "$connections" "$duration" "$idle" "$busy" <<'PY'
+.venv/bin/python - "$quiet" "$loaded" "$opened" "$messages" "$connections" "$duration" "$idle" "$busy" "$after" <<'PY'
 import sys
-def parse(line):
-    name, rest = line.split(" streams ", 1) if " streams " in line else (line, "")
-    pairs = rest.split()
-    return {k: float(v) for k, v in (p.split("=") for p in pairs)}
-quiet, loaded = parse(sys.argv[1]), parse(sys.argv[2])
+def parse(line):  # "<name words> key=value ..."
+    return {k: float(v) for k, v in (p.split("=") for p in line.split() if "=" in p)}
+quiet, loaded, after = parse(sys.argv[1]), parse(sys.argv[2]), parse(sys.argv[9])
 conns, dur, idle, busy = sys.argv[5:9]
 print(f"| webhook ingress | req/s | p50 ms | p99 ms | errors |  ({conns} connections, {dur}s, SQLite)")
 print("| --- | ---: | ---: | ---: | ---: |")
-for name, r in (("no streams", quiet), (f"{idle} idle + {busy} busy streams", loaded)):
+for name, r in (("no streams", quiet), (f"{idle} idle + {busy} busy streams", loaded), ("no streams, after", after)):
     print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} |")
 print(f"\n{sys.argv[3]}; {sys.argv[4]}")
 PY

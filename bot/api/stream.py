@@ -254,24 +254,29 @@ async def follow(
             last_round = time.monotonic()
             due = last_round if result.full else None
             continue
-        try:
-            async with asyncio.timeout(poll_seconds if due is None else due - now):  # None: no limit
-                message = await subscription.get()
-        except TimeoutError:
-            due = due if due is not None else time.monotonic()
-            continue
-        if message.get("type") == "resync":
-            yield _sse("resync", {"reason": "this client fell behind and missed live messages; what "
-                                            "follows is read again from storage"}, position)
-            since = round_started
-            changed |= await read(lambda conn: changed_since(conn, None, since, build_id))
-            due = time.monotonic()
-            continue
-        relevant, ids = _relevant(message, build_id, logs)
-        changed |= ids
-        if relevant and due is None:
-            # while messages pour in, read at most every MIN_ROUND_SECONDS
-            due = max(time.monotonic(), last_round + MIN_ROUND_SECONDS)
+        if due is not None:
+            await asyncio.sleep(due - now)  # a rate limit: what arrives meanwhile is taken in one go
+            messages = subscription.drain()
+        else:
+            try:
+                async with asyncio.timeout(poll_seconds):  # None: no limit
+                    messages = [await subscription.get(), *subscription.drain()]
+            except TimeoutError:
+                due = time.monotonic()  # the poll
+                continue
+        for message in messages:
+            if message.get("type") == "resync":
+                yield _sse("resync", {"reason": "this client fell behind and missed live messages; what "
+                                                "follows is read again from storage"}, position)
+                since = round_started
+                changed |= await read(lambda conn: changed_since(conn, None, since, build_id))
+                due = time.monotonic()
+                continue
+            relevant, ids = _relevant(message, build_id, logs)
+            changed |= ids
+            if relevant and due is None:
+                # while messages pour in, read at most every MIN_ROUND_SECONDS
+                due = max(time.monotonic(), last_round + MIN_ROUND_SECONDS)
 
 
 # -- how many: per process, per client --------------------------------------------------------
@@ -395,7 +400,9 @@ def _respond(request: Request, *, build_id: int | None, position: Position | Non
     app, client = request.app, request.client.host if request.client else "unknown"
     slots = slots_of(app)
     slots.take(client)
-    subscription = app.state.telemetry.bus.subscribe(maxsize=BUFFER)
+    # the bus drops what this stream would ignore, so a message costs the other streams nothing
+    subscription = app.state.telemetry.bus.subscribe(
+        maxsize=BUFFER, accept=lambda message: _relevant(message, build_id, logs)[0], build_id=build_id)
     slots.subscriptions.add(subscription)
     _watching(app)
 
