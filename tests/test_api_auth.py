@@ -224,3 +224,11 @@ def test_metrics_can_be_private(app_for):
     closed = app_for(metrics_private=True)
     assert closed.get("/metrics").status_code == 401
     assert closed.get("/metrics", headers=READER).status_code == 200
+
+
+def test_a_rebuild_of_a_private_build_stays_private(app_for, two_builds):
+    public, private = two_builds
+    bot = app_for()
+    rebuilt = bot.post(f"/api/builds/{private}/rebuild", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert rebuilt["build"]["visibility"] == "private"
+    assert bot.get(f"/api/builds/{rebuilt['build']['id']}").status_code == 404
