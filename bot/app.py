@@ -22,7 +22,7 @@ from bot.webhooks.ingress import WebhookError
 from bot.pipeline.run import Pipeline, runner_for
 from bot.reporters import outbox
 from bot.reporters.sender import Sender
-from bot.telemetry import Telemetry
+from bot.telemetry import LogCaps, Telemetry
 from bot.worker import RunBuild, Worker
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         database = db or Database(settings.database_url.get_secret_value())
         app.state.db = database
-        app.state.telemetry = Telemetry(database, progress_to=outbox.progress_to(settings))
+        app.state.telemetry = Telemetry(database, progress_to=outbox.progress_to(settings),
+                                        log_caps=LogCaps.of(settings))
         runner = run_build or runner_for(settings, app.state.telemetry)
         worker = Worker(database, settings, runner, bus=app.state.telemetry.bus) if run_worker else None
         sender = Sender(database, settings, bus=app.state.telemetry.bus)
@@ -92,6 +93,9 @@ def create_app(
         try:
             yield
         finally:
+            watcher = getattr(app.state, "stream_watcher", None)
+            if watcher is not None:
+                watcher.cancel()
             if worker and task:
                 worker.stop()
                 await task

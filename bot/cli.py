@@ -93,14 +93,14 @@ def _worker(settings: Settings) -> None:
     from bot.pipeline.run import Pipeline, runner_for
     from bot.reporters.outbox import progress_to
     from bot.reporters.sender import Sender
-    from bot.telemetry import Telemetry
+    from bot.telemetry import LogCaps, Telemetry
     from bot.worker import Worker
 
     _migrate(settings)
 
     async def run() -> None:
         database = dbmod.Database(settings.database_url.get_secret_value())
-        telemetry = Telemetry(database, progress_to=progress_to(settings))
+        telemetry = Telemetry(database, progress_to=progress_to(settings), log_caps=LogCaps.of(settings))
         runner = runner_for(settings, telemetry)
         worker = Worker(database, settings, runner, bus=telemetry.bus)
         sender = Sender(database, settings, bus=telemetry.bus)
@@ -134,7 +134,7 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
     from bot.models import BuildKind, utcnow
     from bot.pipeline.fetch import TOKEN_USERS, FetchError, resolve
     from bot.pipeline.run import Pipeline
-    from bot.telemetry import Telemetry
+    from bot.telemetry import LogCaps, Telemetry
     from bot.worker import Worker
 
     platforms = [p.strip() for value in args.platform for p in value.split(",") if p.strip()]
@@ -158,7 +158,7 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
             kind=kind, trigger="cli", default_branch=target.default_branch,
         )
         database = dbmod.Database(settings.database_url.get_secret_value())
-        telemetry = Telemetry(database)
+        telemetry = Telemetry(database, log_caps=LogCaps.of(settings))
         info = queue.DeliveryInfo(args.forge, None, "cli", None, repo)
         recorded = await database.write(
             lambda conn: queue.record_delivery(conn, info, request, settings.platforms, utcnow())
@@ -172,7 +172,8 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
                     print(_describe_event(message["event"]), flush=True)
                 elif message["type"] == "log" and args.verbose:
                     where = f"[{message['platform']}] " if message["platform"] else ""
-                    print(f"  {where}{message['line']}", flush=True)
+                    for line in message["lines"]:
+                        print(f"  {where}{line}", flush=True)
 
         printer = asyncio.create_task(show())
         pipeline = Pipeline(settings, telemetry, no_push=args.no_push)

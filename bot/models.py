@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.sql.expression import false
 from sqlmodel import Field, SQLModel
 
 
@@ -50,6 +51,27 @@ class BuildStatus(str, enum.Enum):
     @property
     def final(self) -> bool:
         return self not in (BuildStatus.queued, BuildStatus.running)
+
+
+#: A repository's visibility as a build records it: only ``public`` builds are shown to readers
+#: without the read token; anything else (private, GitLab's ``internal``, unknown) is private.
+PUBLIC = "public"
+PRIVATE = "private"
+#: GitLab's ``visibility_level`` of a public project (0 is private, 10 internal).
+_GITLAB_PUBLIC_LEVEL = 20
+
+
+def github_visibility(private: bool | None) -> str:
+    """GitHub's ``repository.private``: public only when it says ``false``."""
+    return PUBLIC if private is False else PRIVATE
+
+
+def gitlab_visibility(level: int | None, name: str | None) -> str:
+    """GitLab's ``project.visibility_level`` (or the newer ``visibility`` name): public only
+    when one says public and neither says otherwise; ``internal`` is private to the world."""
+    said = {level == _GITLAB_PUBLIC_LEVEL if level is not None else None,
+            name == PUBLIC if name is not None else None} - {None}
+    return PUBLIC if said == {True} else PRIVATE
 
 
 class BuildKind(str, enum.Enum):
@@ -122,6 +144,14 @@ class Build(SQLModel, table=True):
     error_message: str | None = Field(default=None, sa_column=Column(String(2000)))
     lease_owner: str | None = Field(default=None, sa_column=Column(String(128)))
     lease_expires_at: datetime | None = Field(default=None, sa_column=_time(index=True))
+    #: ``public`` or ``private`` (see :func:`github_visibility`): private builds, their
+    #: events, logs and reports are shown only to holders of the read (or admin) token.
+    visibility: str = Field(default=PRIVATE, sa_column=Column(String(16), nullable=False, server_default=PRIVATE))
+    #: The stored log's size so far: rendered bytes (as ``/api/builds/{id}/log`` serves it)
+    #: and lines; past IMAGEBOT_LOG_MAX_BYTES / _LINES the rest is dropped (``log_truncated``).
+    log_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    log_lines: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    log_truncated: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
     #: GitHub's id of the build's check run, once the reporter created it (App mode).
     check_run_id: int | None = Field(default=None, sa_column=Column(BigInteger))
 
@@ -144,13 +174,19 @@ class BuildLog(SQLModel, table=True):
     """One line of a build's log (``platform`` None: the build's own steps, such as fetch)."""
 
     __tablename__ = "build_logs"
-    __table_args__ = (Index("ix_build_logs_build_id_id", "build_id", "id"),)
+    __table_args__ = (
+        Index("ix_build_logs_build_id_id", "build_id", "id"),
+        Index("ix_build_logs_build_id_end", "build_id", "end_offset"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     build_id: int = Field(foreign_key="builds.id", nullable=False)
     platform: str | None = Field(default=None, sa_column=Column(String(64)))
     ts: datetime = Field(sa_column=_time(nullable=False))
     line: str = Field(sa_column=Column(Text, nullable=False))
+    #: Where the line ends in the rendered log (``[platform] line\n``, UTF-8 bytes, this line
+    #: included): a byte range is read as the lines whose ``end_offset`` falls in it, no others.
+    end_offset: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
 class ReportState(str, enum.Enum):

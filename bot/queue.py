@@ -39,6 +39,8 @@ class BuildRequest:
     default_branch: str | None = None
     installation_id: int | None = None
     skip_reason: str | None = None
+    #: "public" or "private" (bot.models.visibility_of_*): who may read the build on the status page.
+    visibility: str = "private"
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ _END_BUILD = (
 )
 _BUILD_FIELDS = (
     "provider", "repo", "clone_url", "ref", "sha", "trigger", "pr_number", "fork",
-    "default_branch", "installation_id",
+    "default_branch", "installation_id", "visibility",
 )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete, exists, select
+from sqlalchemy import Connection, delete, exists, select, update
 
 from bot.db import Database
 from bot.models import build_logs, builds, deliveries
@@ -44,6 +44,7 @@ def prune_logs(conn: Connection, ended_before: datetime, most: int = LOG_BUILDS_
     ).scalars().all()
     if not ended:
         return 0
+    conn.execute(update(builds).where(builds.c.id.in_(ended)).values(log_bytes=0, log_lines=0))
     return conn.execute(delete(build_logs).where(build_logs.c.build_id.in_(ended))).rowcount
 
 

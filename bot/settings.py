@@ -163,6 +163,23 @@ class Settings(BaseSettings):
     #: NAME_FILE: path}, bot.pipeline.secrets); read at start-up and again for every build.
     build_secrets_file: Path | None = None
 
+    # The status page and its API: who reads what.
+    #: Bearer token (or the dashboard's login) for reading private repositories' builds; the
+    #: admin token counts as one. Unset: private builds are shown to the admin token only.
+    read_token: SecretStr | None = None
+    #: Every read (API, streams, dashboard) needs the read token, public repositories too.
+    status_private: bool = False
+    #: GET /metrics needs the read token too.
+    metrics_private: bool = False
+    #: Hours a dashboard login lasts.
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    #: Live streams (SSE) open at once in this process, and per client address.
+    stream_max: int = Field(default=256, ge=1)
+    stream_max_per_client: int = Field(default=8, ge=1)
+    #: The most of one build's log that is stored; past either, one marker line ends it.
+    log_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    log_max_lines: int = Field(default=100_000, ge=10)
+
     # Pipeline.
     #: Where checkouts go while a build runs (removed afterwards); default: the system temp dir.
     work_dir: Path | None = None

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Connection, insert, select
+from dataclasses import dataclass
 
-from bot.models import build_logs, telemetry_events, utcnow
+from sqlalchemy import Connection, insert, select, update
+
+from bot.models import build_logs, builds, telemetry_events, utcnow
 from bot.reporters import outbox
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,14 @@ class ManifestFailed(_Failure):
     attempts: int = Field(ge=1)
 
 
+class LogTruncated(_Event):
+    reason: str  # "bytes" or "lines": the cap that was reached
+    max_bytes: int = Field(ge=0)
+    max_lines: int = Field(ge=0)
+    bytes: int = Field(ge=0)  # the stored log's size, the marker line included
+    lines: int = Field(ge=0)
+
+
 SCHEMAS: dict[str, type[_Event]] = {
     "build_started": BuildStarted,
     "build_succeeded": BuildSucceeded,
@@ -206,6 +216,7 @@ SCHEMAS: dict[str, type[_Event]] = {
     "manifest_retry": ManifestRetry,
     "manifest_published": ManifestPublished,
     "manifest_failed": ManifestFailed,
+    "log_truncated": LogTruncated,
 }
 
 #: Events about one platform's image must say which platform.
@@ -219,6 +230,7 @@ BUILD_WIDE_EVENTS = frozenset({
     "build_started", "build_succeeded", "build_failed", "build_cancelled",
     "fetch_succeeded", "fetch_failed",
     "tags_withheld", "manifest_started", "manifest_retry", "manifest_published", "manifest_failed",
+    "log_truncated",
 })
 
 
@@ -294,13 +306,14 @@ class Subscription:
     queue is dropped and it receives one ``{"type": "resync"}`` message, after which it should
     re-read what it missed from storage."""
 
-    def __init__(self, bus: Bus, maxsize: int) -> None:
+    def __init__(self, bus: Bus, maxsize: int, accept: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self._bus = bus
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+        self._accept = accept
         self.overflowed = False
 
     def _offer(self, message: dict[str, Any]) -> None:
-        if self.overflowed:
+        if self.overflowed or (self._accept is not None and not self._accept(message)):
             return
         try:
             self._queue.put_nowait(message)
@@ -316,38 +329,107 @@ class Subscription:
             self.overflowed = False
         return message
 
+    def drain(self) -> list[dict[str, Any]]:
+        """Every message waiting, without waiting for more."""
+        messages = []
+        while not self._queue.empty():
+            messages.append(self._queue.get_nowait())
+            if messages[-1].get("type") == "resync":
+                self.overflowed = False
+        return messages
+
     def close(self) -> None:
-        self._bus._subscribers.discard(self)
+        self._bus._discard(self)
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         while True:
             yield await self.get()
 
 
+def builds_of(message: dict[str, Any]) -> list[int] | None:
+    """The builds a bus message is about (None: not one build's, e.g. a resync)."""
+    try:
+        kind = message.get("type")
+        if kind == "event":
+            return [message["event"]["build_id"]]
+        if kind == "log":
+            return [message["build_id"]]
+        if kind == "builds_changed":
+            return list(message["ids"])
+    except (KeyError, TypeError):
+        pass
+    return None
+
+
 class Bus:
-    """Publish/subscribe inside one process: publishing never blocks the publisher."""
+    """Publish/subscribe inside one process: publishing never blocks the publisher.
+
+    A subscription may be about one build: it is kept under that build, so a message costs the
+    subscriptions it concerns, not every open stream of the process."""
 
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
+        self._by_build: dict[int, set[Subscription]] = {}
 
-    def subscribe(self, maxsize: int = 1000) -> Subscription:
-        subscription = Subscription(self, maxsize)
-        self._subscribers.add(subscription)
+    def subscribe(self, maxsize: int = 1000, accept: Callable[[dict[str, Any]], bool] | None = None,
+                  build_id: int | None = None) -> Subscription:
+        """A new subscription; ``accept`` (if given) picks the messages it takes, so that the
+        others cost one call, not a wake-up of its consumer; ``build_id``: only that build's
+        messages (and those about no build) reach it."""
+        subscription = Subscription(self, maxsize, accept)
+        if build_id is None:
+            self._subscribers.add(subscription)
+        else:
+            subscription._build_id = build_id
+            self._by_build.setdefault(build_id, set()).add(subscription)
         return subscription
 
+    def _discard(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+        build_id = getattr(subscription, "_build_id", None)
+        if build_id is not None and build_id in self._by_build:
+            self._by_build[build_id].discard(subscription)
+            if not self._by_build[build_id]:
+                del self._by_build[build_id]
+
     def publish(self, message: dict[str, Any]) -> None:
-        for subscription in list(self._subscribers):
+        about = builds_of(message)
+        keyed = ([s for b in about for s in self._by_build.get(b, ())] if about is not None
+                 else [s for group in self._by_build.values() for s in group])
+        for subscription in [*self._subscribers, *keyed]:
             subscription._offer(message)
+
+
+@dataclass(frozen=True)
+class LogCaps:
+    """The most of one build's log that is stored (IMAGEBOT_LOG_MAX_BYTES / _LINES): a build
+    that prints more (``RUN yes``) goes on, its log ends in one marker line."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_lines: int = 100_000
+
+    @classmethod
+    def of(cls, settings: Any) -> LogCaps:
+        return cls(settings.log_max_bytes, settings.log_max_lines)
+
+
+#: Characters of one stored line at most (a line without a newline can be any length).
+MAX_LINE_CHARS = 8192
+#: Builds whose log is known full, remembered so that their lines cost no write; at most this many.
+_FULL_MEMORY = 4096
 
 
 class Telemetry:
     """What the pipeline holds: ``await telemetry.emit(...)`` stores, then publishes."""
 
-    def __init__(self, db, bus: Bus | None = None, progress_to: frozenset[str] = frozenset()) -> None:
+    def __init__(self, db, bus: Bus | None = None, progress_to: frozenset[str] = frozenset(),
+                 log_caps: LogCaps | None = None) -> None:
         self.db = db
         self.bus = bus or Bus()
         #: Forges whose running builds show interim progress (bot.reporters.outbox.progress_to).
         self.progress_to = progress_to
+        self.log_caps = log_caps or LogCaps()
+        self._full: set[int] = set()
 
     async def emit(self, build_id: int, name: str, platform: str | None = None, **data: Any) -> dict[str, Any]:
         check(name, platform, data)  # fail in the caller's frame, before queuing the write
@@ -363,24 +445,81 @@ class Telemetry:
         return event
 
     async def log_lines(self, build_id: int, platform: str | None, lines: list[str]) -> None:
-        """Append build-log lines (stored for the API and the check run, and published)."""
-        if not lines:
+        """Append build-log lines, up to the build's cap (stored for the API and the check run).
+
+        The bus hears one message per call, not per line: a stream reads the lines from
+        storage, so a build that prints fast costs each subscriber one wake-up per batch.
+        """
+        if not lines or build_id in self._full:
             return
         now = utcnow()
-        await self.db.write_item(_store_log_lines, (build_id, platform, now, lines))
-        for line in lines:
+        stored = await self.db.write_item(_store_log_lines, (build_id, platform, now, lines, self.log_caps))
+        if stored.truncated is not None:
+            if len(self._full) >= _FULL_MEMORY:
+                self._full.clear()
+            self._full.add(build_id)
+            self.bus.publish({"type": "event", "event": stored.truncated})
+        if stored.lines:
             self.bus.publish({"type": "log", "build_id": build_id, "platform": platform,
-                              "ts": _iso(now), "line": line})
+                              "ts": _iso(now), "lines": stored.lines})
 
 
-def _store_log_lines(conn: Connection, items: list[tuple]) -> list[None]:
-    rows = [
-        {"build_id": build_id, "platform": platform, "ts": ts, "line": line[:8192]}
-        for build_id, platform, ts, lines in items
-        for line in lines
-    ]
-    conn.execute(insert(build_logs), rows)
-    return [None] * len(items)
+def render_line(platform: str | None, line: str) -> str:
+    """One stored line as the log serves it: prefixed with its platform (or ``build`` for the
+    build's own steps), so the interleaved platforms stay readable."""
+    return f"[{platform or 'build'}] {line}\n"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What one call's lines became: the lines kept, and the ``log_truncated`` event if they
+    reached the cap."""
+
+    lines: list[str]
+    truncated: dict[str, Any] | None = None
+
+
+def _store_log_lines(conn: Connection, items: list[tuple]) -> list[Stored]:
+    """Each item's lines that fit under its build's cap, with their offsets; past the cap one
+    marker line and a ``log_truncated`` event, then nothing more for that build."""
+    rows: list[dict[str, Any]] = []
+    results = [_append(conn, rows, *item) for item in items]
+    if rows:
+        conn.execute(insert(build_logs), rows)
+    return results
+
+
+def _append(conn: Connection, rows: list[dict[str, Any]], build_id: int, platform: str | None,
+            ts: datetime, lines: list[str], caps: LogCaps = LogCaps()) -> Stored:
+    # one writer per build (its lease); FOR UPDATE keeps a second one honest on PostgreSQL
+    size = conn.execute(select(builds.c.log_bytes, builds.c.log_lines, builds.c.log_truncated)
+                        .where(builds.c.id == build_id).with_for_update()).first()
+    if size is None or size.log_truncated:
+        return Stored([])
+    total, count, kept, reason = size.log_bytes, size.log_lines, [], None
+    for line in lines:
+        line = line[:MAX_LINE_CHARS]
+        length = len(render_line(platform, line).encode())
+        if count + 1 > caps.max_lines:
+            reason = "lines"
+        elif total + length > caps.max_bytes:
+            reason = "bytes"
+        if reason:
+            break
+        total, count = total + length, count + 1
+        kept.append(line)
+        rows.append({"build_id": build_id, "platform": platform, "ts": ts, "line": line, "end_offset": total})
+    truncated = None
+    if reason:
+        marker = (f"imagebot: the log reached its cap of {caps.max_bytes} bytes or {caps.max_lines} lines "
+                  f"(IMAGEBOT_LOG_MAX_BYTES / IMAGEBOT_LOG_MAX_LINES); the rest is not kept, the build goes on")
+        total, count = total + len(render_line(None, marker).encode()), count + 1
+        rows.append({"build_id": build_id, "platform": None, "ts": ts, "line": marker, "end_offset": total})
+        truncated = record(conn, build_id, "log_truncated", ts, reason=reason, max_bytes=caps.max_bytes,
+                           max_lines=caps.max_lines, bytes=total, lines=count)
+    conn.execute(update(builds).where(builds.c.id == build_id)
+                 .values(log_bytes=total, log_lines=count, log_truncated=reason is not None))
+    return Stored(kept, truncated)
 
 
 def log_of(conn: Connection, build_id: int) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ def seeded(db):
     other = queue.BuildRequest(
         provider="gitlab", repo="group/other", clone_url="https://example.test/o.git",
         ref="refs/heads/main", sha="f" * 40, kind=queue.BuildKind.branch, trigger="Push Hook",
+        visibility="public",
     )
     ids += enqueue(db, other)
     return ids

@@ -321,3 +321,71 @@ def test_a_webhook_build_is_followed_live_from_delivery_to_end(db_url, tmp_path)
     assert [m.data for m in mine if m.event == "telemetry"] == stored
     assert [m.data["name"] for m in mine if m.event == "telemetry"] == ["build_started", "build_succeeded"]
     assert mine[-1].data == {k: v for k, v in build.items() if k not in ("results", "manifest")}
+
+
+# -- caps: per client, per process ---------------------------------------------------------------
+
+
+async def _open_streams(url: str, source: str, count: int) -> tuple[httpx.AsyncClient, list[httpx.Response]]:
+    """``count`` streams of /api/events opened at once from the address ``source``; their
+    responses (the refused ones already read and closed)."""
+    transport = httpx.AsyncHTTPTransport(local_address=source, limits=httpx.Limits(max_connections=None))
+    client = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(30.0))
+
+    async def one() -> httpx.Response:
+        response = await client.send(client.build_request("GET", f"{url}/api/events"), stream=True)
+        if response.status_code != 200:
+            await response.aread()
+            await response.aclose()
+        return response
+
+    return client, list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+@pytest.mark.anyio
+async def test_streams_are_capped_per_client_429_and_per_process_503(db_url, tmp_path):
+    caps = {"IMAGEBOT_STREAM_MAX": "12", "IMAGEBOT_STREAM_MAX_PER_CLIENT": "5"}
+    with serving(db_url, tmp_path / "bot.log", "--no-worker", env=caps) as url:
+        flood, answers = await _open_streams(url, "127.0.0.2", 500)
+        statuses = [r.status_code for r in answers]
+        assert statuses.count(200) == 5 and statuses.count(429) == 495
+        refused = next(r for r in answers if r.status_code == 429)
+        assert refused.headers["retry-after"] == "5" and "IMAGEBOT_STREAM_MAX_PER_CLIENT" in refused.json()["error"]
+
+        second, more = await _open_streams(url, "127.0.0.3", 5)
+        third, last = await _open_streams(url, "127.0.0.4", 3)
+        assert [r.status_code for r in more] == [200] * 5
+        assert sorted(r.status_code for r in last) == [200, 200, 503]  # 12 open: the process is full
+        full = next(r for r in last if r.status_code == 503)
+        assert full.headers["retry-after"] == "5" and "IMAGEBOT_STREAM_MAX" in full.json()["error"]
+
+        for response in answers + more + last:
+            await response.aclose()
+        for client in (flood, second, third):
+            await client.aclose()
+        # closed streams give their slots back: the flooding client may open its share again
+        deadline = time.monotonic() + 20
+        while True:
+            again, reopened = await _open_streams(url, "127.0.0.2", 5)
+            codes = [r.status_code for r in reopened]
+            for response in reopened:
+                await response.aclose()
+            await again.aclose()
+            if codes == [200] * 5:
+                break
+            assert time.monotonic() < deadline, f"slots were not given back: {codes}"
+
+
+@pytest.mark.anyio
+async def test_a_replay_is_bounded_and_says_what_it_skipped(db):
+    from bot.api.stream import MAX_REPLAY
+
+    (build_id,) = enqueue(db, request())
+    lines = [f"y {n}" for n in range(MAX_REPLAY + 500)]
+    db.write_sync(lambda c: telemetry._store_log_lines(c, [(build_id, "linux/amd64", utcnow(), lines)]))
+    stream = stream_of(db, telemetry.Bus(), build_id=build_id, position=Position())
+    skipped, *rest = await take(stream, 1 + MAX_REPLAY + 1)  # and the build's status
+    assert skipped.event == "skipped" and "/api/builds/{id}/log" in skipped.data["reason"]
+    assert [m.data["line"] for m in rest if m.event == "log"] == lines[-MAX_REPLAY:]
+    assert [m.event for m in rest].count("status") == 1
+    await stream.aclose()

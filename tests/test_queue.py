@@ -16,9 +16,10 @@ LEASE = timedelta(seconds=30)
 
 
 def request(ref: str = "refs/heads/main", sha: str = "a" * 40, **kw) -> queue.BuildRequest:
+    """A push build of a public repository (the status page shows it to anyone)."""
     return queue.BuildRequest(
         provider="github", repo="acme/app", clone_url="https://example.test/acme/app.git",
-        ref=ref, sha=sha, kind=BuildKind.branch, trigger="push", **kw,
+        ref=ref, sha=sha, kind=BuildKind.branch, trigger="push", **{"visibility": "public", **kw},
     )
 
 

@@ -208,7 +208,7 @@ def test_password_rotated_mid_run_patches_the_secret_and_heals(
     async def chaos(message):
         # once both platforms have pulled their base (they are at the RUN step), and before
         # the second one pushes, the password changes
-        if message["type"] == "log" and "RUN uname" in message["line"] and len(pulled) < 2:
+        if message["type"] == "log" and any("RUN uname" in line for line in message["lines"]) and len(pulled) < 2:
             pulled.add(message["platform"])
             if len(pulled) == 2:
                 htpasswd_registry.set_password(USER, "second-password")
@@ -245,7 +245,7 @@ def test_credentials_that_never_work_fail_with_auth_after_bounded_attempts(
     pulled: set[str] = set()
 
     async def chaos(message):  # as above: after both platforms pulled their base
-        if message["type"] == "log" and "RUN uname" in message["line"] and len(pulled) < 2:
+        if message["type"] == "log" and any("RUN uname" in line for line in message["lines"]) and len(pulled) < 2:
             pulled.add(message["platform"])
             if len(pulled) == 2:
                 htpasswd_registry.set_password(USER, "nobody-told-the-bot")

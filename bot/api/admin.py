@@ -54,7 +54,7 @@ async def rebuild(request: Request) -> JSONResponse:
         request_ = queue.BuildRequest(
             provider=old.provider, repo=old.repo, clone_url=old.clone_url, ref=old.ref, sha=old.sha,
             kind=BuildKind(old.kind), trigger="rebuild", pr_number=old.pr_number, fork=old.fork,
-            default_branch=old.default_branch, installation_id=old.installation_id,
+            default_branch=old.default_branch, installation_id=old.installation_id, visibility=old.visibility,
         )
         delivery = queue.DeliveryInfo(old.provider, None, "rebuild", None, old.repo)
         reported = old.provider in outbox.report_to(request.app.state.settings)

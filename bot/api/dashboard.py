@@ -18,13 +18,14 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import Connection, func, select
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from bot import telemetry
 from bot import retention, summary
+from bot.api import auth
 from bot.api.rest import build_detail, build_id_of, build_json, build_row, page_of_builds, read
 from bot.api.stream import Position, current_position
 from bot.models import BuildStatus, build_logs, telemetry_events, utcnow
@@ -76,17 +77,20 @@ templates = Jinja2Templates(env=_env)
 
 
 def _page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
+    context = {"reader": auth.is_reader(request), "logins": auth.logins_on(request.app.state.settings), **context}
     return templates.TemplateResponse(request, name, context, status_code=status)
 
 
 def _error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 401:  # the page is private (IMAGEBOT_STATUS_PRIVATE): log in first
+        return RedirectResponse("/login?" + urlencode({"next": request.url.path}), 303)
     return _page(request, "error.html", {"status": exc.status_code, "reason": exc.detail}, exc.status_code)
 
 
 async def build_list(request: Request) -> Response:
-    position = await read(request.app, current_position)  # the script goes on from here
     try:
         page, next_cursor = await page_of_builds(request)
+        position = await read(request.app, current_position)  # the script goes on from here
     except HTTPException as exc:
         return _error(request, exc)
     filters = {name: request.query_params.get(name, "") for name in ("repo", "ref", "sha", "status")}
@@ -101,8 +105,9 @@ async def build_list(request: Request) -> Response:
     })
 
 
-def _read_build(conn: Connection, build_id: int, tail: int, logs_since: datetime | None = None) -> dict[str, Any]:
-    row = build_row(conn, build_id)
+def _read_build(conn: Connection, build_id: int, tail: int, logs_since: datetime | None = None,
+                public_only: bool = False) -> dict[str, Any]:
+    row = build_row(conn, build_id, public_only)
     events = telemetry.events_of(conn, build_id)
     lines = []
     if tail:
@@ -134,8 +139,9 @@ def _read_build(conn: Connection, build_id: int, tail: int, logs_since: datetime
 async def _build_context(request: Request, tail: int) -> dict[str, Any] | Response:
     try:
         build_id = build_id_of(request)
+        hidden = auth.public_only(request)
         logs_since = retention.logs_kept_since(request.app.state.settings, utcnow())
-        return await read(request.app, lambda conn: _read_build(conn, build_id, tail, logs_since))
+        return await read(request.app, lambda conn: _read_build(conn, build_id, tail, logs_since, hidden))
     except HTTPException as exc:
         return _error(request, exc)
 
@@ -159,13 +165,43 @@ async def build_live(request: Request) -> Response:
 async def build_list_row(request: Request) -> Response:
     try:
         build_id = build_id_of(request)
-        row = await read(request.app, lambda conn: build_row(conn, build_id))
+        hidden = auth.public_only(request)
+        row = await read(request.app, lambda conn: build_row(conn, build_id, hidden))
     except HTTPException as exc:
         return _error(request, exc)
     return _page(request, "_row.html", {"build": build_json(row)})
 
 
+async def login(request: Request) -> Response:
+    """The login form (GET) and its answer (POST): the right token sets the signed session
+    cookie and goes on to ``next``; a wrong one shows the form again (401)."""
+    settings = request.app.state.settings
+    if request.method == "GET":
+        return _page(request, "login.html", {"next": auth.next_path(request.query_params.get("next")),
+                                             "error": None})
+    if not auth.logins_on(settings):
+        return _page(request, "login.html", {"next": "/", "error": "logins are off: no read token is "
+                                                                    "configured (IMAGEBOT_READ_TOKEN)"}, 503)
+    try:
+        token, target = await auth.login_form(request)
+    except HTTPException as exc:
+        return _error(request, exc)
+    if not auth.token_ok(settings, token):
+        return _page(request, "login.html", {"next": target, "error": "that token is wrong"}, 401)
+    response = RedirectResponse(target, 303)
+    auth.start_session(response, settings)
+    return response
+
+
+async def logout(request: Request) -> Response:
+    response = RedirectResponse("/login", 303)
+    auth.end_session(response)
+    return response
+
+
 routes = [
+    Route("/login", login, methods=["GET", "POST"]),
+    Route("/logout", logout, methods=["POST"]),
     Route("/", build_list),
     Route("/builds/{build_id}", build_page),
     Route("/builds/{build_id}/live", build_live),

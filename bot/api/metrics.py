@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bot import queue, telemetry
+from bot.api import auth
 from bot.api.rest import read
 from bot.api.stream import announce
 from bot.models import BuildStatus, ReportState, builds, reports, telemetry_events, utcnow
@@ -175,6 +176,8 @@ def metrics_of(app: Starlette) -> Metrics:
 
 
 async def scrape(request: Request) -> Response:
+    """The metrics; a reader's only with IMAGEBOT_METRICS_PRIVATE (or STATUS_PRIVATE)."""
+    auth.require_metrics_reader(request)
     metrics = metrics_of(request.app)
     await metrics.refresh(request.app)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -42,6 +42,8 @@ _BUILD = {
     "id": _INT, "provider": {"enum": ["github", "gitlab"]}, "repo": _STR, "ref": _STR, "sha": _STR,
     "kind": {"enum": ["branch", "tag", "pull_request"]}, "pr_number": _NULL_INT, "fork": {"type": "boolean"},
     "trigger": _STR, "status": {"enum": list(BuildStatus.__members__)},
+    "visibility": {"enum": ["public", "private"], "description": "the repository's; a private build is "
+                   "shown to readers only (read or admin token, or the dashboard's login)"},
     "platforms": {"type": "array", "items": _STR}, "attempts": _INT,
     "created_at": _TIME, "started_at": _NULL_TIME, "finished_at": _NULL_TIME,
     "error": {"oneOf": [{"type": "null"}, _object({"kind": _NULL_STR, "message": _NULL_STR})]},
@@ -93,7 +95,18 @@ def _text(media_type: str, description: str) -> dict[str, Any]:
 
 _BUILD_ID = {"name": "build_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1},
              "example": 2}
-_NOT_FOUND = _error("no such build")
+_NOT_FOUND = _error("no such build, or a private one and the request is not a reader's")
+#: Reads: anyone for public repositories, readers for private ones and for everything while
+#: IMAGEBOT_STATUS_PRIVATE is on.
+_READER = [{}, {"reader": []}, {"session": []}]
+_UNREAD = _error("IMAGEBOT_STATUS_PRIVATE is on and this request is not a reader's",
+                 **{"WWW-Authenticate": "Bearer challenge"})
+_FULL = {
+    "429": _error("this client has IMAGEBOT_STREAM_MAX_PER_CLIENT streams open", **{"Retry-After": "seconds"}),
+    "503": _error("this server has IMAGEBOT_STREAM_MAX streams open", **{"Retry-After": "seconds"}),
+}
+_TO_LOGIN = {"description": "IMAGEBOT_STATUS_PRIVATE is on and this request is not a reader's: to /login",
+             "headers": {"Location": {"schema": _STR}}}
 _BAD = _error("a query parameter or header is invalid")
 _ADMIN = {
     "401": _error("no bearer token", **{"WWW-Authenticate": "Bearer challenge"}),
@@ -130,7 +143,19 @@ def _webhook(summary: str, *headers: str) -> dict[str, Any]:
     }}
 
 
-_SSE = _text("text/event-stream", "Server-Sent Events: `status`, `telemetry`, `log`, `resync`; see docs/api.md")
+_SSE = _text("text/event-stream",
+             "Server-Sent Events: `status`, `telemetry`, `log`, `resync`, `skipped`; see docs/api.md")
+
+
+def _read(operation: dict[str, Any], dashboard: bool = False) -> dict[str, Any]:
+    """A read: open to anyone for public repositories (unless the page is private)."""
+    operation["security"] = _READER
+    operation["responses"]["303" if dashboard else "401"] = _TO_LOGIN if dashboard else _UNREAD
+    return operation
+
+
+_LOGIN_FORM = {"content": {"application/x-www-form-urlencoded": {"schema": {
+    "type": "object", "properties": {"token": _STR, "next": _STR}, "required": ["token"]}}}}
 
 
 def _spec() -> dict[str, Any]:
@@ -179,25 +204,26 @@ def _spec() -> dict[str, Any]:
                                      "X-GitHub-Event", "X-GitHub-Delivery", "X-Hub-Signature-256"),
         "/webhooks/gitlab": _webhook("A GitLab webhook delivery (secret token)",
                                      "X-Gitlab-Event", "X-Gitlab-Token", "Idempotency-Key"),
-        "/api/builds": {"get": {
-            "summary": "Builds, newest first", "parameters": build_filters, "responses": {
+        "/api/builds": {"get": _read({
+            "summary": "Builds, newest first (a reader's: private repositories' too)", "parameters": build_filters,
+            "responses": {
                 "200": _json(_object({"builds": {"type": "array", "items": _ref("Build")},
                                       "next_cursor": _NULL_STR}), "a page of builds"),
                 "400": _BAD,
-            }}},
-        "/api/builds/{build_id}": {"get": {
+            }})},
+        "/api/builds/{build_id}": {"get": _read({
             "summary": "One build, with per-platform results and the manifest list",
             "parameters": [_BUILD_ID],
             "responses": {"200": _json(_ref("BuildDetail"), "the build"), "404": _NOT_FOUND},
-        }},
-        "/api/builds/{build_id}/events": {"get": {
+        })},
+        "/api/builds/{build_id}/events": {"get": _read({
             "summary": "The build's telemetry events, as stored", "parameters": [_BUILD_ID],
             "responses": {
                 "200": _json(_object({"build_id": _INT, "events": {"type": "array", "items": _ref("Event")}}),
                              "the events in order"),
                 "404": _NOT_FOUND,
-            }}},
-        "/api/builds/{build_id}/reports": {"get": {
+            }})},
+        "/api/builds/{build_id}/reports": {"get": _read({
             "summary": "What the build reported to its forge (statuses, check-run updates) and how it went",
             "parameters": [_BUILD_ID],
             "responses": {
@@ -206,8 +232,8 @@ def _spec() -> dict[str, Any]:
                              "the reports in order; ended ones are kept for REPORT_RETENTION_HOURS"),
                 "400": _BAD,
                 "404": _NOT_FOUND,
-            }}},
-        "/api/builds/{build_id}/log": {"get": {
+            }})},
+        "/api/builds/{build_id}/log": {"get": _read({
             "summary": "The build's log as text (`[platform] line`), with byte ranges",
             "parameters": [_BUILD_ID, {"name": "Range", "in": "header", "schema": _STR,
                                        "description": "`bytes=first-[last]` or `bytes=-suffix`"}],
@@ -217,18 +243,18 @@ def _spec() -> dict[str, Any]:
                 "400": _BAD,
                 "404": _NOT_FOUND,
                 "416": _error("the range starts past the end", **{"Content-Range": "bytes */<length>"}),
-            }}},
-        "/api/builds/{build_id}/stream": {"get": {
+            }})},
+        "/api/builds/{build_id}/stream": {"get": _read({
             "summary": "The build live (SSE), from its first event or after Last-Event-ID",
             "parameters": [_BUILD_ID, *resume],
-            "responses": {"200": _SSE, "400": _BAD, "404": _NOT_FOUND},
-        }},
-        "/api/events": {"get": {
+            "responses": {"200": _SSE, "400": _BAD, "404": _NOT_FOUND, **_FULL},
+        })},
+        "/api/events": {"get": _read({
             "summary": "All builds live (SSE): status changes, telemetry events, log lines with logs=1",
             "parameters": [{"name": "logs", "in": "query", "schema": {"enum": ["0", "1", "true", "false"]}},
                            *resume],
-            "responses": {"200": _SSE, "400": _BAD},
-        }},
+            "responses": {"200": _SSE, "400": _BAD, **_FULL},
+        })},
         "/api/builds/{build_id}/rebuild": {"post": {
             "summary": "Queue the same repo, ref and sha again (trigger `rebuild`)",
             "security": [{"admin": []}], "parameters": [_BUILD_ID],
@@ -245,32 +271,47 @@ def _spec() -> dict[str, Any]:
                 "409": _error("the build had already ended"),
                 **_ADMIN,
             }}},
-        "/api/repos": {"get": {"summary": "Every repo with its last build and success rate", "responses": {
+        "/api/repos": {"get": _read({"summary": "Every repo with its last build and success rate", "responses": {
             "200": _json(_object({"repos": {"type": "array", "items": _object({
                 "repo": _STR, "builds": _INT, "succeeded": _INT, "failed": _INT,
                 "success_rate": _NULL_NUM, "last_build": _ref("Build"),
-            })}}), "repos by name"),
+            })}}), "repos by name (an anonymous reader's: their public builds only)"),
             "400": _BAD,
-        }}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-            "200": _text("text/plain", "Prometheus text format")}}},
+        }})},
+        "/metrics": {"get": _read({"summary": "Prometheus metrics (a reader's only with IMAGEBOT_METRICS_PRIVATE)",
+                                   "responses": {"200": _text("text/plain", "Prometheus text format")}})},
         "/openapi.json": {"get": {"summary": "This description", "responses": {
             "200": _json({"type": "object"}, "OpenAPI 3.1")}}},
-        "/": {"get": {"summary": "Dashboard: the build list", "tags": ["dashboard"],
-                      "parameters": build_filters, "responses": {
-                          "200": _text("text/html", "the page"), "400": _text("text/html", "a bad filter")}}},
-        "/builds/{build_id}": {"get": {"summary": "Dashboard: one build", "tags": ["dashboard"],
-                                       "parameters": [_BUILD_ID], "responses": {
-                                           "200": _text("text/html", "the page"),
-                                           "404": _text("text/html", "no such build")}}},
-        "/builds/{build_id}/live": {"get": {
+        "/login": {
+            "get": {"summary": "Dashboard: the login form", "tags": ["dashboard"],
+                    "parameters": [{"name": "next", "in": "query", "schema": _STR}],
+                    "responses": {"200": _text("text/html", "the form")}},
+            "post": {"summary": "Dashboard: log in with the read (or admin) token", "tags": ["dashboard"],
+                     "requestBody": _LOGIN_FORM, "responses": {
+                         "303": {"description": "logged in: a signed, HttpOnly, SameSite session cookie, "
+                                                "and on to `next` (a path on this site)",
+                                 "headers": {"Location": {"schema": _STR}, "Set-Cookie": {"schema": _STR}}},
+                         "401": _text("text/html", "the token is wrong: the form again"),
+                         "413": _text("text/html", "the form is over 4 KiB"),
+                         "503": _text("text/html", "no read or admin token is configured")}},
+        },
+        "/logout": {"post": {"summary": "Dashboard: log out (the session cookie is removed)", "tags": ["dashboard"],
+                             "responses": {"303": {"description": "to /login", "headers": {
+                                 "Location": {"schema": _STR}, "Set-Cookie": {"schema": _STR}}}}}},
+        "/": {"get": _read(dashboard=True, operation={
+            "summary": "Dashboard: the build list", "tags": ["dashboard"], "parameters": build_filters,
+            "responses": {"200": _text("text/html", "the page"), "400": _text("text/html", "a bad filter")}})},
+        "/builds/{build_id}": {"get": _read(dashboard=True, operation={
+            "summary": "Dashboard: one build", "tags": ["dashboard"], "parameters": [_BUILD_ID], "responses": {
+                "200": _text("text/html", "the page"), "404": _text("text/html", "no such build")}})},
+        "/builds/{build_id}/live": {"get": _read(dashboard=True, operation={
             "summary": "Dashboard: the build page's live parts (header, results, timeline)",
             "tags": ["dashboard"], "parameters": [_BUILD_ID], "responses": {
-                "200": _text("text/html", "an HTML fragment"), "404": _text("text/html", "no such build")}}},
-        "/builds/{build_id}/row": {"get": {
+                "200": _text("text/html", "an HTML fragment"), "404": _text("text/html", "no such build")}})},
+        "/builds/{build_id}/row": {"get": _read(dashboard=True, operation={
             "summary": "Dashboard: the build's row of the list", "tags": ["dashboard"],
             "parameters": [_BUILD_ID], "responses": {
-                "200": _text("text/html", "a table row"), "404": _text("text/html", "no such build")}}},
+                "200": _text("text/html", "a table row"), "404": _text("text/html", "no such build")}})},
     }
     return {
         "openapi": "3.1.0",
@@ -280,8 +321,13 @@ def _spec() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
-                                          "description": "IMAGEBOT_ADMIN_TOKEN"}},
+            "securitySchemes": {
+                "admin": {"type": "http", "scheme": "bearer", "description": "IMAGEBOT_ADMIN_TOKEN"},
+                "reader": {"type": "http", "scheme": "bearer",
+                           "description": "IMAGEBOT_READ_TOKEN (the admin token counts as one)"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "imagebot_session",
+                            "description": "the dashboard's login (POST /login)"},
+            },
         },
     }
 

@@ -15,15 +15,16 @@ import binascii
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, case, func, select, true
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bot import telemetry
 from bot import summary
-from bot.models import BuildStatus, builds
+from bot.api import auth
+from bot.models import PUBLIC, BuildStatus, build_logs, builds
 from bot.reporters import outbox
 
 T = TypeVar("T")
@@ -41,6 +42,7 @@ def _iso(value) -> str | None:
 BUILD_COLUMNS = [builds.c[name] for name in (
     "id", "provider", "repo", "ref", "sha", "kind", "pr_number", "fork", "trigger", "status",
     "platforms", "attempts", "created_at", "started_at", "finished_at", "error_kind", "error_message",
+    "visibility",
 )]
 
 
@@ -56,6 +58,7 @@ def build_json(row: Any) -> dict[str, Any]:
         "pr_number": row.pr_number,
         "fork": row.fork,
         "trigger": row.trigger,
+        "visibility": row.visibility,
         "status": row.status,
         "platforms": row.platforms,
         "attempts": row.attempts,
@@ -75,15 +78,21 @@ def build_json(row: Any) -> dict[str, Any]:
 #: request waits longer (bench/api: 16 connections got 358 req/s and a p99 of 125 ms with
 #: anyio's 40 threads, 786 req/s and 28 ms with 2).
 READ_CONCURRENCY = 2
+#: The live streams' reads have a gate of their own, so that however many are open they take
+#: one thread at a time and never queue ahead of the REST API's reads.
+STREAM_READ_CONCURRENCY = 1
+_GATES = {"api": READ_CONCURRENCY, "stream": STREAM_READ_CONCURRENCY}
 
 
-async def read(app: Any, work: Callable[[Connection], T]) -> T:
-    """``app.state.db.read(work)``, at most :data:`READ_CONCURRENCY` at once."""
+async def read(app: Any, work: Callable[[Connection], T], gate: str = "api") -> T:
+    """``app.state.db.read(work)``, at most ``_GATES[gate]`` at once."""
     loop = asyncio.get_running_loop()
-    gate = getattr(app.state, "api_reads", None)
-    if gate is None or gate[0] is not loop:  # an asyncio.Semaphore belongs to one loop
-        gate = app.state.api_reads = (loop, asyncio.Semaphore(READ_CONCURRENCY))
-    async with gate[1]:
+    name = f"{gate}_reads"
+    held = getattr(app.state, name, None)
+    if held is None or held[0] is not loop:  # an asyncio.Semaphore belongs to one loop
+        held = (loop, asyncio.Semaphore(_GATES[gate]))
+        setattr(app.state, name, held)
+    async with held[1]:
         return await app.state.db.read(work)
 
 
@@ -136,9 +145,12 @@ async def page_of_builds(request: Request) -> tuple[list[Any], str | None]:
     if "status" in filters and filters["status"] not in BuildStatus.__members__:
         raise HTTPException(400, f"status must be one of {', '.join(BuildStatus.__members__)}")
     before = decode_cursor(request.query_params["cursor"]) if request.query_params.get("cursor") else None
+    seen = auth.visible(request)
 
     def query(conn: Connection) -> list[Any]:
         stmt = select(*BUILD_COLUMNS).order_by(builds.c.id.desc()).limit(limit + 1)
+        if seen is not None:
+            stmt = stmt.where(seen)
         for name, value in filters.items():
             stmt = stmt.where(builds.c[name] == value)
         if before is not None:
@@ -155,15 +167,18 @@ async def list_builds(request: Request) -> JSONResponse:
     return JSONResponse({"builds": [build_json(r) for r in page], "next_cursor": next_cursor})
 
 
-def build_row(conn: Connection, build_id: int) -> Any:
+def build_row(conn: Connection, build_id: int, public_only: bool = False) -> Any:
+    """The build, or 404; with ``public_only`` a private build is 404 too (the same answer, so
+    that an anonymous reader cannot tell a private build from a missing one)."""
     row = conn.execute(select(builds).where(builds.c.id == build_id)).first()
-    if row is None:
+    if row is None or (public_only and row.visibility != PUBLIC):
         raise HTTPException(404, f"no build {build_id}")
     return row
 
 
 async def _one_build(request: Request, build_id: int) -> Any:
-    return await read(request.app, lambda conn: build_row(conn, build_id))
+    hidden = auth.public_only(request)
+    return await read(request.app, lambda conn: build_row(conn, build_id, hidden))
 
 
 def build_detail(row: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -178,9 +193,10 @@ def build_detail(row: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def get_build(request: Request) -> JSONResponse:
     build_id = build_id_of(request)
+    hidden = auth.public_only(request)
 
     def query(conn: Connection) -> dict[str, Any]:
-        return build_detail(build_row(conn, build_id), telemetry.events_of(conn, build_id))
+        return build_detail(build_row(conn, build_id, hidden), telemetry.events_of(conn, build_id))
 
     return JSONResponse(await read(request.app, query))
 
@@ -197,22 +213,22 @@ async def build_reports(request: Request) -> JSONResponse:
     each: sent, pending with the next attempt's time and the last error, coalesced, dropped."""
     build_id = build_id_of(request)
     no_unknown_params(request)
+    hidden = auth.public_only(request)
 
     def query(conn: Connection) -> dict[str, Any]:
-        build_row(conn, build_id)
+        build_row(conn, build_id, hidden)
         check_run = conn.execute(select(builds.c.check_run_id).where(builds.c.id == build_id)).scalar_one()
         return {"build_id": build_id, "check_run_id": check_run, "reports": outbox.reports_of(conn, build_id)}
 
     return JSONResponse(await read(request.app, query))
 
 
-# -- the log ----------------------------------------------------------------------------------
+# -- the log ---------------------------------------------------------------------------------
 
 
 def log_text(lines: list[dict[str, Any]]) -> str:
-    """The log as text: one line per stored line, prefixed with its platform (or ``build``
-    for the build's own steps), so the interleaved platforms stay readable."""
-    return "".join(f"[{line['platform'] or 'build'}] {line['line']}\n" for line in lines)
+    """The log as text (:func:`bot.telemetry.render_line` per stored line)."""
+    return "".join(telemetry.render_line(line["platform"], line["line"]) for line in lines)
 
 
 class Unsatisfiable(Exception):
@@ -249,34 +265,68 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
     return start, min(int(last) if last else length - 1, length - 1)
 
 
+#: Log lines read from storage per round of a log response.
+LOG_PAGE = 1000
+
+
+def log_page(conn: Connection, build_id: int, after: int, upto: int | None, limit: int) -> list[Any]:
+    """Up to ``limit`` lines, in order, that end after byte ``after`` (exclusive ends) and at
+    or before ``upto`` (None: anywhere). Read by offset, so a range costs its own lines only."""
+    query = select(build_logs.c.platform, build_logs.c.line, build_logs.c.end_offset).where(
+        build_logs.c.build_id == build_id, build_logs.c.end_offset > after)
+    if upto is not None:
+        query = query.where(build_logs.c.end_offset <= upto)
+    return list(conn.execute(query.order_by(build_logs.c.end_offset).limit(limit)))
+
+
+async def _log_bytes(request: Request, build_id: int, first: int, last: int):
+    """Bytes ``first``..``last`` (inclusive) of the rendered log, a page of lines at a time:
+    the lines that end inside the range, then the one line that holds its last byte."""
+    after, done = first, False
+    while not done:
+        here = after
+        rows = await read(request.app, lambda conn: log_page(conn, build_id, here, last + 1, LOG_PAGE))
+        if len(rows) < LOG_PAGE:
+            tail = max(after, rows[-1].end_offset if rows else after)
+            rows += await read(request.app, lambda conn: log_page(conn, build_id, tail, None, 1))
+            done = True
+        for row in rows:
+            text = telemetry.render_line(row.platform, row.line).encode()
+            start = row.end_offset - len(text)
+            if start > last:
+                return
+            yield text[max(first - start, 0):min(last + 1, row.end_offset) - start]
+        if rows:
+            after = rows[-1].end_offset
+
+
 async def build_log(request: Request) -> Response:
     """``text/plain``; ``Range: bytes=…`` gives 206 with that part (a client following a
-    running build asks for ``bytes=<what it has>-``), 416 when the range is past the end."""
+    running build asks for ``bytes=<what it has>-``), 416 when the range is past the end.
+
+    The length is the build's stored log size; the body is read a page of lines at a time,
+    by byte offset, so neither the whole log nor more than a page of it is ever in memory."""
     build_id = build_id_of(request)
     no_unknown_params(request)
-
-    def query(conn: Connection) -> list[dict[str, Any]]:
-        build_row(conn, build_id)
-        return telemetry.log_of(conn, build_id)
-
-    body = log_text(await read(request.app, query)).encode()
+    hidden = auth.public_only(request)
+    length = await read(request.app, lambda conn: build_row(conn, build_id, hidden).log_bytes)
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-store"}
     # If-Range needs a validator this resource does not have, so a conditional range is never
     # satisfied and the whole log is sent (RFC 9110, 13.1.5).
     header = None if "if-range" in request.headers else request.headers.get("range")
     try:
-        wanted = byte_range(header, len(body))
+        wanted = byte_range(header, length)
     except Unsatisfiable:
         return JSONResponse(
-            {"error": f"range not satisfiable: the log has {len(body)} bytes"}, 416,
-            headers={**headers, "Content-Range": f"bytes */{len(body)}"},
+            {"error": f"range not satisfiable: the log has {length} bytes"}, 416,
+            headers={**headers, "Content-Range": f"bytes */{length}"},
         )
     media_type = "text/plain; charset=utf-8"
-    if wanted is None:
-        return Response(body, 200, headers=headers, media_type=media_type)
-    first, last = wanted
-    headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
-    return Response(body[first:last + 1], 206, headers=headers, media_type=media_type)
+    first, last = wanted or (0, length - 1)
+    if wanted is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{length}"
+    return StreamingResponse(_log_bytes(request, build_id, first, last), 206 if wanted else 200,
+                             headers=headers, media_type=media_type)
 
 
 # -- repositories -----------------------------------------------------------------------------
@@ -287,6 +337,7 @@ async def list_repos(request: Request) -> JSONResponse:
     before either happened) and its last build."""
     no_unknown_params(request)
     status = builds.c.status
+    seen = auth.visible(request)
 
     def query(conn: Connection) -> list[dict[str, Any]]:
         stats = conn.execute(
@@ -296,7 +347,7 @@ async def list_repos(request: Request) -> JSONResponse:
                 func.sum(case((status == BuildStatus.succeeded.value, 1), else_=0)).label("succeeded"),
                 func.sum(case((status == BuildStatus.failed.value, 1), else_=0)).label("failed"),
                 func.max(builds.c.id).label("last_id"),
-            ).group_by(builds.c.repo).order_by(builds.c.repo)
+            ).where(seen if seen is not None else true()).group_by(builds.c.repo).order_by(builds.c.repo)
         ).all()
         last = {row.id: row for row in conn.execute(
             select(*BUILD_COLUMNS).where(builds.c.id.in_([s.last_id for s in stats]))

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from bot.models import BuildKind
+from bot.models import BuildKind, github_visibility
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore, Ping
 from bot.webhooks import checks
 from bot.webhooks.ingress import (
@@ -56,6 +56,7 @@ def _repo_fields(payload: dict[str, Any]) -> dict[str, Any]:
             field(payload, "repository.default_branch", optional=True), "repository.default_branch"),
         "installation_id": checks.number(
             field(payload, "installation.id", of=int, optional=True), "installation.id"),
+        "visibility": github_visibility(field(payload, "repository.private", of=bool, optional=True)),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from bot.models import BuildKind
+from bot.models import BuildKind, gitlab_visibility
 from bot.queue import BuildRequest, CancelRef, Decision, DeliveryInfo, Ignore
 from bot.webhooks import checks
 from bot.webhooks.ingress import (
@@ -48,6 +48,8 @@ def _project_fields(payload: dict[str, Any]) -> dict[str, Any]:
         "clone_url": field(payload, "project.git_http_url"),
         "default_branch": checks.branch(
             field(payload, "project.default_branch", optional=True), "project.default_branch"),
+        "visibility": gitlab_visibility(field(payload, "project.visibility_level", of=int, optional=True),
+                                        field(payload, "project.visibility", optional=True)),
     }
 
 
