@@ -211,6 +211,7 @@ def record_deliveries(conn: Connection, batch: list[Incoming]) -> list[Recorded]
 
     build_ids = _insert_builds(conn, [batch[i] for i in fresh])
     results = _apply_in_order(conn, batch, fresh, build_ids)
+    _hide_when_private(conn, [batch[i].decision for i in fresh])
     if fresh:
         conn.execute(_INSERT_DELIVERIES, [_delivery_row(batch[i], results[i], digests[i]) for i in fresh])
 
@@ -254,6 +255,23 @@ def _earlier_deliveries(
     return earlier
 
 
+_HIDE_REPO = (
+    update(builds)
+    .where(builds.c.provider == bindparam("p"), builds.c.repo == bindparam("r"),
+           builds.c.visibility != "private")
+    .values(visibility="private")
+)
+
+
+def _hide_when_private(conn: Connection, decisions: list[Decision]) -> None:
+    """A repository that went private takes its earlier builds with it: the status page must
+    not keep showing their logs to anyone because they were built while it was public."""
+    private = sorted({(d.provider, d.repo) for d in decisions
+                      if isinstance(d, BuildRequest) and d.visibility == "private"})
+    if private:
+        conn.execute(_HIDE_REPO, [{"p": provider, "r": repo} for provider, repo in private])
+
+
 def _insert_builds(conn: Connection, batch: list[Incoming]) -> dict[int, int]:
     """Insert the builds the batch asks for; map position in ``batch`` to build id."""
     wanted = [(n, i) for n, i in enumerate(batch) if isinstance(i.decision, BuildRequest)]
@@ -278,6 +296,18 @@ def _build_row(incoming: Incoming) -> dict:
         attempts=0,
     )
     return row
+
+
+def _superseded_by(request: BuildRequest, unfinished: list[int],
+                   facts: dict[int, tuple[str, str, str, str, str, str]]) -> tuple[list[int], list[int]]:
+    """Which of a ref's unfinished builds ``request`` ends, and which it leaves: a push ends
+    them all; a re-run (check run or suite, the Retry button, an admin rebuild) only earlier
+    runs of its own sha. A re-run is exempt from replay dedupe, so a re-run of an old commit
+    (or a replayed one) must never cancel the ref's newest build."""
+    if request.trigger not in RERUN_TRIGGERS | {"rebuild"}:
+        return unfinished, []
+    same = [b for b in unfinished if facts[b][2] == request.sha]
+    return same, [b for b in unfinished if b not in same]
 
 
 def _apply_in_order(
@@ -318,8 +348,8 @@ def _apply_in_order(
                 results[i] = Recorded("skipped", reason, build_ids[n])
             case BuildRequest():
                 key = (decision.provider, decision.repo, decision.ref)
-                ended = queued.get(key, [])
-                queued[key] = [build_ids[n]]
+                ended, kept = _superseded_by(decision, queued.get(key, []), facts)
+                queued[key] = [*kept, build_ids[n]]
                 message = f"superseded by build {build_ids[n]}"
                 endings += [_ending(b, BuildStatus.superseded, message, now) for b in ended]
                 owed += [(b, BuildStatus.superseded.value) for b in ended]

@@ -1,4 +1,5 @@
-"""Which repositories the operator serves: ``IMAGEBOT_REPOSITORIES``, a list of globs.
+"""Which repositories the operator serves (``IMAGEBOT_REPOSITORIES``, a list of globs), and the
+one repository-glob matcher every other setting that names repositories uses.
 
 A forge's shared secret proves only that a delivery came from the forge, not that the bot
 should build what it names: a GitLab token reaches every project of the instance, a GitHub App
@@ -69,7 +70,18 @@ class RepositoryPatterns:
         return any(compiled[key].match(repo) for key in (None, forge) if key in compiled)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=256)
 def compiled(patterns: tuple[str, ...]) -> RepositoryPatterns:
     """The patterns of a settings object, compiled once per process rather than per delivery."""
     return RepositoryPatterns(patterns)
+
+
+def matches(pattern: str, forge: str, repo: str) -> bool:
+    """Whether one glob covers ``forge``'s ``repo``: the one matcher behind every setting that
+    names repositories (``REPOSITORIES``, ``IMAGE_POLICY``, the build secrets file), so
+    ``acme/*`` means the same everywhere. An invalid pattern matches nothing (each setting
+    refuses those at start-up)."""
+    try:
+        return compiled((pattern,)).matches(forge, repo)
+    except ValueError:
+        return False

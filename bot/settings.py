@@ -35,7 +35,6 @@ _REGISTRY = re.compile(
 
 #: A repository glob of IMAGEBOT_IMAGE_POLICY: path segments of letters, digits, ``._-`` and
 #: ``*`` (``**`` alone for any number of segments).
-_REPO_GLOB = re.compile(r"^(\*\*|[A-Za-z0-9._*-]+)(/(\*\*|[A-Za-z0-9._*-]+))*$")
 _IMAGE_PREFIX = re.compile(
     r"^([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(:[0-9]{1,5})?"
     r"(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+/?$"
@@ -312,9 +311,8 @@ class Settings(BaseSettings):
     def _check_image_policy(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         problems = []
         for glob, prefixes in value.items():
-            pattern = glob.split(":", 1)[1] if glob.startswith(("github:", "gitlab:")) else glob
-            if not _REPO_GLOB.match(pattern):
-                problems.append(f"{glob!r} is not a repository glob such as acme/* or group/**")
+            if problem := pattern_problem(glob):
+                problems.append(problem)
             problems += [
                 f"{glob!r}: {prefix!r} is not an image prefix host[:port]/path"
                 for prefix in prefixes if not _IMAGE_PREFIX.match(prefix) or not _has_host(prefix)

@@ -22,7 +22,7 @@ from bot.settings import SettingsError, load_settings
     ("acme/a.p", "acme/axp", False),  # a dot is a dot
 ])
 def test_globs(glob, repo, matches):
-    assert glob_matches(glob, repo) is matches
+    assert glob_matches(glob, "github", repo) is matches
 
 
 def test_entries_apply_in_file_order_and_files_are_read(tmp_path):
@@ -32,14 +32,14 @@ def test_entries_apply_in_file_order_and_files_are_read(tmp_path):
                     "acme/*: {NPM_FILE: npm}\n"
                     "other/app: {NPM: not-for-acme}\n")
     entries = load(path)
-    assert for_repository(entries, "acme/app") == {"SENTRY": "all-sentry", "NPM": "npm-from-file"}
-    assert for_repository(entries, "zeta/x") == {"SENTRY": "all-sentry", "NPM": "generic-npm"}
+    assert for_repository(entries, "github", "acme/app") == {"SENTRY": "all-sentry", "NPM": "npm-from-file"}
+    assert for_repository(entries, "github", "zeta/x") == {"SENTRY": "all-sentry", "NPM": "generic-npm"}
 
 
 def test_json_works_too(tmp_path):
     path = tmp_path / "secrets.json"
     path.write_text(json.dumps({"acme/app": {"TOKEN": "json-secret"}}))
-    assert for_repository(load(path), "acme/app") == {"TOKEN": "json-secret"}
+    assert for_repository(load(path), "github", "acme/app") == {"TOKEN": "json-secret"}
 
 
 def test_a_build_gets_only_what_it_asks_for():
@@ -91,3 +91,20 @@ def test_a_broken_file_stops_start_up_without_showing_a_value(tmp_path):
     assert "77777777" not in str(info.value)
     path.write_text("acme/app: {TOKEN: '77777777'}\n")
     assert "77777777" not in repr(load_settings(build_secrets_file=str(path)))
+
+
+def test_a_forge_prefix_scopes_secrets_to_that_forges_repositories(tmp_path):
+    """With both forges configured, GitLab's acme/app is another repository than GitHub's: it
+    must not get the secrets the operator gave to GitHub's."""
+    path = tmp_path / "secrets.yml"
+    path.write_text("'github:acme/app': {NPM: for-github-only}\n'gitlab:acme/*': {PIP: for-gitlab-only}\n")
+    entries = load(path)
+    assert for_repository(entries, "github", "acme/app") == {"NPM": "for-github-only"}
+    assert for_repository(entries, "gitlab", "acme/app") == {"PIP": "for-gitlab-only"}
+
+
+def test_a_key_that_is_no_repository_glob_is_refused(tmp_path):
+    path = tmp_path / "secrets.yml"
+    path.write_text("'ftp:acme/app': {NPM: some-secret-value}\n")
+    with pytest.raises(SecretsFileError, match="prefix must be one of"):
+        load(path)

@@ -416,3 +416,18 @@ def test_which_tags_move():
 ])
 def test_a_higher_published_version_keeps_latest_and_aliases(version, published, held):
     assert newer_version_published(parse_semver(version), published) == held
+
+
+@pytest.mark.parametrize("literal", ["latest", "1.2.3", "v2", "sha-0000000", "pr-1", "src-abc"])
+def test_a_branch_cannot_name_a_reserved_tag_literally(literal):
+    """A feature branch is its own head, so the head check would let a literal ``latest`` (or a
+    release, another commit's ``sha-…``, ``pr-1``) move: reserved shapes need this build's own
+    sha or version in the template."""
+    plan = plan_tags("branch", "refs/heads/feature", SHA, None, "main", [literal, "{branch}-ok"])
+    assert literal not in plan.tags and "feature-ok" in plan.tags
+    assert any(literal in note and "reserved" in note for note in plan.notes)
+
+
+def test_reserved_shapes_made_of_the_builds_own_identity_stay():
+    release = plan_tags("tag", "refs/tags/v1.2.3", SHA, None, "main", ["v{version}", "v{major}", "sha-{short_sha}-slim"])
+    assert {"v1.2.3", "v1", f"{S}-slim"} <= set(release.tags)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import select
 
 from bot import queue
@@ -18,8 +19,8 @@ LEASE = timedelta(seconds=30)
 def request(ref: str = "refs/heads/main", sha: str = "a" * 40, **kw) -> queue.BuildRequest:
     """A push build of a public repository (the status page shows it to anyone)."""
     return queue.BuildRequest(
-        provider="github", repo="acme/app", clone_url="https://example.test/acme/app.git",
-        ref=ref, sha=sha, kind=BuildKind.branch, trigger="push", **{"visibility": "public", **kw},
+        provider="github", clone_url="https://example.test/acme/app.git", ref=ref, sha=sha, kind=BuildKind.branch,
+        **{"repo": "acme/app", "trigger": "push", "visibility": "public", **kw},
     )
 
 
@@ -27,7 +28,8 @@ def enqueue(db: Database, *reqs: queue.BuildRequest, at: datetime = T0) -> list[
     """Record a delivery per request, received ``at`` (T0 unless a test needs the wall clock)."""
     ids = []
     for n, req in enumerate(reqs):
-        info = queue.DeliveryInfo("github", f"d{len(ids)}-{n}-{req.ref}-{req.sha}", "push", None, "acme/app")
+        info = queue.DeliveryInfo("github", f"d{len(ids)}-{n}-{req.ref}-{req.sha}-{req.trigger}", "push", None,
+                                  "acme/app")
         ids.append(db.write_sync(lambda c: queue.record_delivery(c, info, req, ["linux/amd64"], at)).build_id)
     return ids
 
@@ -119,6 +121,19 @@ def test_release_gives_the_build_back_without_counting_the_attempt(db):
     assert db.write_sync(lambda c: queue.release(c, build_id, "w1"))
     row = db.read_sync(lambda c: c.execute(select(builds).where(builds.c.id == build_id)).one())
     assert (row.status, row.attempts, row.started_at, row.lease_owner) == ("queued", 0, None, None)
+
+
+@pytest.mark.parametrize("trigger", ["check_run", "check_suite", "rebuild"])
+def test_a_rerun_ends_only_earlier_runs_of_its_own_sha(db, trigger):
+    """Re-runs are exempt from replay dedupe (each click builds), so a captured or late re-run of
+    an old commit must not cancel the ref's newest build: it ends only runs of its own sha."""
+    old, newest = enqueue(db, request(sha="1" * 40), request(sha="2" * 40))
+    assert status_of(db, old) == "superseded"
+    rerun_new, = enqueue(db, request(sha="2" * 40, trigger=trigger))
+    rerun_old, = enqueue(db, request(sha="1" * 40, trigger=trigger))
+    assert [status_of(db, i) for i in (newest, rerun_new, rerun_old)] == ["superseded", "queued", "queued"]
+    push, = enqueue(db, request(sha="3" * 40))  # a push still ends every unfinished build of the ref
+    assert [status_of(db, i) for i in (rerun_new, rerun_old, push)] == ["superseded", "superseded", "queued"]
 
 
 def test_supersede_ends_queued_and_running_builds_of_the_ref(db):
@@ -226,3 +241,15 @@ def test_claim_locks_with_skip_locked_on_postgresql(db):
         assert "BEGIN IMMEDIATE" in statements
     else:
         assert "FOR UPDATE SKIP LOCKED" in claim_sql
+
+
+def test_a_repository_that_went_private_takes_its_earlier_builds_with_it(db):
+    """Built while public, its logs must not stay readable by anyone once it is private."""
+    public, = enqueue(db, request(sha="1" * 40))
+    other, = enqueue(db, request(sha="2" * 40, repo="acme/other"))
+    enqueue(db, request(sha="3" * 40, visibility="private"))
+
+    def visibility(build_id: int) -> str:
+        return db.read_sync(lambda c: c.execute(select(builds.c.visibility).where(builds.c.id == build_id)).scalar_one())
+
+    assert (visibility(public), visibility(other)) == ("private", "public")

@@ -236,7 +236,7 @@ class Pipeline:
         if build.fork or path is None or not config.secrets:
             return {}
         entries = await asyncio.to_thread(build_secrets.load, path)
-        given = build_secrets.for_repository(entries, build.repo)
+        given = build_secrets.for_repository(entries, build.provider, build.repo)
         for name, value in given.items():
             self._maskers[build.id].add(value, name)
         return given

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from bot import repositories
+
 #: Far more than any secrets file needs; a bigger one is a mistake.
 MAX_FILE_BYTES = 1024 * 1024
 #: Shorter values can't be told from ordinary text, in logs or in an image's history.
@@ -49,13 +51,10 @@ class SecretsFileError(Exception):
         super().__init__(self.message)
 
 
-def glob_matches(glob: str, repo: str) -> bool:
-    """Whether repository path ``repo`` matches ``glob`` (``*``: one segment, ``**``: any)."""
-    pattern = "".join(
-        "[^/]*" if part == "*" else ".*" if part == "**" else re.escape(part)
-        for part in re.split(r"(\*\*|\*)", glob)
-    )
-    return re.fullmatch(pattern, repo, re.IGNORECASE) is not None
+def glob_matches(glob: str, provider: str, repo: str) -> bool:
+    """Whether ``glob`` covers ``provider``'s ``repo`` (bot.repositories: ``*`` one segment,
+    ``**`` any, case ignored, an optional ``github:``/``gitlab:`` prefix)."""
+    return repositories.matches(glob, provider, repo)
 
 
 def _parse(path: Path, data: bytes) -> object:
@@ -107,6 +106,9 @@ def parse_entries(path: Path, data: bytes) -> Entries:
         if not isinstance(glob, str) or not glob:
             problems.append("every key must be a repository glob such as acme/app or acme/*")
             continue
+        if problem := repositories.pattern_problem(glob):
+            problems.append(problem)
+            continue
         if not isinstance(items, dict):
             problems.append(f"{glob!r}: expected a mapping of NAME to a value or NAME_FILE to a path")
             continue
@@ -138,11 +140,13 @@ def load(path: Path) -> Entries:
     return parse_entries(path, data)
 
 
-def for_repository(entries: Entries, repo: str) -> dict[str, str]:
-    """The secrets the operator gives to ``repo`` (pure): every matching entry, in order."""
+def for_repository(entries: Entries, provider: str, repo: str) -> dict[str, str]:
+    """The secrets the operator gives to ``provider``'s ``repo`` (pure): every matching entry,
+    in order. GitLab's ``acme/app`` is not GitHub's: a ``github:`` or ``gitlab:`` prefix names
+    one forge's repositories, and an entry without one covers both."""
     given: dict[str, str] = {}
     for glob, values in entries:
-        if glob_matches(glob, repo):
+        if glob_matches(glob, provider, repo):
             given.update(values)
     return given
 

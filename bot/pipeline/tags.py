@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from string import Formatter
 from typing import Any
 
+from bot import repositories
 from bot.models import BuildKind
 
 #: Docker's limit on a tag, and on a whole image name (distribution/reference).
@@ -200,27 +201,9 @@ def _within(name: str, prefix: str) -> bool:
 
 
 def repo_glob_matches(glob: str, provider: str, repo: str) -> bool:
-    """Whether an IMAGEBOT_IMAGE_POLICY key covers ``provider``'s ``repo``.
-
-    ``*`` matches within one path segment, ``**`` (a whole segment) any number of segments,
-    so ``group/*`` does not silently cover ``group/sub/project``; matching ignores case, as
-    the forges do. A ``github:`` or ``gitlab:`` prefix limits the key to that forge.
-    """
-    forge, sep, pattern = glob.partition(":")
-    if sep and forge in ("github", "gitlab"):
-        if forge != provider:
-            return False
-    else:
-        pattern = glob
-    if pattern == "**":
-        return True
-    regex = ""
-    for n, part in enumerate(pattern.lower().split("/")):
-        if part == "**":
-            regex += "(?:/[^/]+)*" if n else "(?:[^/]+/)*"
-            continue
-        regex += ("/" if n and not regex.endswith("/)*") else "") + re.escape(part).replace(r"\*", "[^/]*")
-    return re.fullmatch(regex, repo.lower().strip("/")) is not None
+    """Whether an IMAGEBOT_IMAGE_POLICY key covers ``provider``'s ``repo`` (bot.repositories:
+    ``*`` one path segment, ``**`` any number, case ignored, an optional forge prefix)."""
+    return repositories.matches(glob, provider, repo)
 
 
 @dataclass(frozen=True)
@@ -434,6 +417,9 @@ RESERVED_TAG = re.compile(
 )
 #: Placeholders that pin a template's tag to one commit or one release: such a tag never moves.
 _PINNING = frozenset({"sha", "short_sha", "tag", "version"})
+#: Placeholders that tie a tag to this build's own commit or release: a reserved-looking tag
+#: made with one (``v{major}``, ``sha-{short_sha}-slim``) is this build's to publish.
+_OWNED = _PINNING | {"major", "minor", "patch"}
 
 
 @dataclass(frozen=True)
@@ -551,7 +537,10 @@ def _add_template(template: str, values: dict[str, str], kind: BuildKind, tags: 
     """Add one repo template's tag to a branch or tag build's (see :func:`plan_tags`)."""
     rendered = render_template(template, values)
     used = template_placeholders(template)
-    if rendered and "branch" in used and RESERVED_TAG.fullmatch(rendered):
+    if rendered and rendered not in tags and RESERVED_TAG.fullmatch(rendered) and not used & _OWNED:
+        # ``latest``, a version, another commit's ``sha-…`` or ``pr-<n>``: tags the bot itself
+        # gives to the builds that own them; a literal (or {branch}) template on any branch
+        # would otherwise move them. Made of this build's own sha or version, it may stay.
         notes.append(f"tag template {template!r} gives {rendered!r}, which is reserved: left out")
     elif rendered and rendered not in tags:
         tags.append(rendered)
