@@ -146,6 +146,11 @@ class Pushed:
 
 
 class Runtime(Protocol):
+    #: The runtime cuts a build attempt at its own deadline (Kubernetes: each build run at the
+    #: pull and build timeouts, the Job at activeDeadlineSeconds), naming the step it was at;
+    #: otherwise the pipeline cuts each attempt at BUILD_TIMEOUT_SECONDS.
+    enforces_deadlines: bool
+
     async def build(self, job: BuildJob, log: LogSink) -> str:
         """Build ``job`` once; the image's id (or the image reference, where no id exists).
 

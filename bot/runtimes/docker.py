@@ -390,6 +390,7 @@ class Pin:
 
 class DockerRuntime:
     name = "docker"
+    enforces_deadlines = False
 
     def __init__(self, timeout: float = 3600, pull_timeout: float = 600, memory_mb: int = 4096,
                  cpus: float = 1.0, untrusted_network: str | None = None) -> None:

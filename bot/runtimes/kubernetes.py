@@ -335,6 +335,7 @@ class _Platform:
 
 class KubernetesRuntime:
     name = "kubernetes"
+    enforces_deadlines = True
 
     def __init__(self, settings: Settings, api: k8s.ApiClient | None = None) -> None:
         self.settings = settings

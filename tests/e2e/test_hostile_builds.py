@@ -87,7 +87,8 @@ def test_a_hostile_build_fails_fast_while_healthz_keeps_answering(bot, tmp_path,
 
 def enqueue(db: Database, clone_url: str, repo: str, sha: str) -> int:
     request = queue.BuildRequest(provider="github", repo=repo, clone_url=clone_url, ref="refs/heads/main",
-                                 sha=sha, kind=BuildKind.branch, trigger="push", default_branch="main")
+                                 sha=sha, kind=BuildKind.branch, trigger="push", default_branch="main",
+                                 visibility="public")  # read anonymously below
     info = queue.DeliveryInfo("github", uuid.uuid4().hex, "push", None, repo)
     return db.write_sync(lambda c: queue.record_delivery(c, info, request, ["linux/amd64"], utcnow())).build_id
 
