@@ -9,7 +9,7 @@ from pydantic import SecretStr
 
 from bot.pipeline.credentials import Credentials
 from bot.runtimes import BuildError, BuildJob, PullError
-from bot.runtimes.docker import DockerRuntime, _lines, platform_mixup
+from bot.runtimes.docker import DockerRuntime, LineJoiner, _lines, platform_mixup
 from tests.test_pipeline_run import services  # noqa: F401 - fixture
 
 
@@ -29,6 +29,25 @@ def test_log_lines_from_stream_items():
         {"stream": "\n"},
     ]
     assert _lines(items) == ["Step 1/2 : FROM base", " ---> abc", "Pulling fs layer"]
+
+
+def test_a_line_the_engine_sends_in_pieces_is_one_line_so_a_secret_in_it_is_masked():
+    """The engine cuts stream text where the build wrote it: a secret printed in two writes
+    arrives in two items, and masking (per line) would see neither half as the secret."""
+    from bot.masking import Masker
+
+    joiner = LineJoiner()
+    pieces = [[{"stream": "Step 2/2 : RUN printf\n"}, {"stream": " ---> Running in 1\ntoken is sup3r-s"}],
+              [{"stream": "ecret-value\nnext "}], [{"stream": "line"}]]
+    lines = [line for items in pieces for line in joiner.feed(items)] + joiner.flush()
+    assert lines == ["Step 2/2 : RUN printf", " ---> Running in 1", "token is sup3r-secret-value", "next line"]
+    assert Masker(["sup3r-secret-value"]).mask(lines[2]) == "token is ***"
+
+
+def test_a_line_without_end_does_not_grow_without_bound():
+    joiner = LineJoiner()
+    out = [line for _ in range(100) for line in joiner.feed([{"stream": "y" * 1000}])]
+    assert out and max(map(len, out)) <= LineJoiner.MAX_PARTIAL + 1000 and len(joiner.flush()[0]) < LineJoiner.MAX_PARTIAL
 
 
 def test_from_watch_sees_the_first_from_resolved():

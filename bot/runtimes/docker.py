@@ -188,14 +188,46 @@ async def _stream(
         raise
 
 
+def _split(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+class LineJoiner:
+    """The engine's output as whole lines. The engine cuts a build's ``stream`` text where the
+    build's process wrote it, so one line, and a secret in it, may come in two items; masking
+    works on lines, so it must see the line whole. A partial line longer than
+    :data:`MAX_PARTIAL` is let go as it is (``RUN`` output without a newline must not grow the
+    bot's memory)."""
+
+    MAX_PARTIAL = 16 * 1024
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def feed(self, items: list[dict]) -> list[str]:
+        lines: list[str] = []
+        for item in items:
+            if item.get("status") and item.get("progress"):
+                continue  # progress bars: one line per chunk is noise, not a log
+            if item.get("stream") is None:  # status and the like come whole
+                lines += _split(str(item.get("status") or ""))
+                continue
+            *complete, self._partial = (self._partial + str(item["stream"])).split("\n")
+            if len(self._partial) > self.MAX_PARTIAL:
+                complete.append(self._partial)
+                self._partial = ""
+            lines += _split("\n".join(complete))
+        return lines
+
+    def flush(self) -> list[str]:
+        """What is left of a last line without its newline."""
+        rest, self._partial = self._partial, ""
+        return _split(rest)
+
+
 def _lines(items: list[dict]) -> list[str]:
-    lines = []
-    for item in items:
-        text = item.get("stream") or item.get("status") or ""
-        if item.get("status") and item.get("progress"):
-            continue  # progress bars: one line per chunk is noise, not a log
-        lines += [line.rstrip() for line in str(text).splitlines() if line.strip()]
-    return lines
+    joiner = LineJoiner()
+    return joiner.feed(items) + joiner.flush()
 
 
 PLATFORM_MIXUP_ATTEMPTS = 3
@@ -451,6 +483,7 @@ class DockerRuntime:
         step: str | None = None  # the step the build is at, as its log says
         watch = FromWatch()
         started = int(time.time())
+        joiner = LineJoiner()
 
         async def handle(items: list[dict]) -> None:
             nonlocal image_id, error, step
@@ -461,16 +494,20 @@ class DockerRuntime:
                 aux = item.get("aux")
                 if isinstance(aux, dict) and aux.get("ID"):
                     image_id = aux["ID"]
-            lines = _lines(items)
-            watch.feed(lines)
-            step = last_step(lines, step)
-            await log(lines)
+            await lines(joiner.feed(items))
+
+        async def lines(new: list[str]) -> None:
+            nonlocal step
+            watch.feed(new)
+            step = last_step(new, step)
+            await log(new)
 
         def start() -> Iterator[dict]:
             return engine.build(**self._build_kwargs(job, pinned is not None))
 
         try:
             await self._staggered(engine, _stream(engine, start, handle), watch, pinned)
+            await lines(joiner.flush())
             if error is None and image_id is not None:
                 await self._check_platform(engine, image_id, job.platform)
         except APIError as exc:
