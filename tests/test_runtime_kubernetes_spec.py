@@ -203,7 +203,7 @@ def test_pods_that_will_never_run_say_why():
         "reason": "CreateContainerConfigError",
         "message": "failed to sync secret cache: timed out waiting for the condition"}}}]}}
     assert not never_heals(stuck_reason(lagging))  # the kubelet tries again by itself
-    assert never_heals("push: CreateContainerConfigError: secret \"imagebot-registry\" not found")
+    assert never_heals("push: CreateContainerConfigError: secret \"imagebot-12-linux-arm64\" not found")
 
 
 def without_scripts(manifest: dict) -> str:
