@@ -218,9 +218,11 @@ class Settings(BaseSettings):
     #: IMAGEBOT_* environment variables (see docs/kubernetes.md).
     k8s_build_script: str | None = None
     k8s_push_script: str | None = None
-    #: Trusted builds' pods run privileged (buildah on most clusters needs it); builds from
-    #: forks never do (see k8s_fork_builds).
-    k8s_privileged: bool = True
+    #: Trusted builds' buildah steps run privileged: the operator's opt-in (a privileged build
+    #: can leave its chroot and read the node, other builds' Secrets included). Off (the
+    #: default), every build runs buildah in a user namespace of its own with three
+    #: capabilities, as forks' builds always do (docs/kubernetes.md, "Isolation").
+    k8s_privileged: bool = False
     #: Trusted builds only: a fork's pod is never on the host network.
     k8s_host_network: bool = False
     #: Build pull requests from forks on the cluster (unprivileged pods, no token, credentials,

@@ -4,7 +4,6 @@ and real git over HTTP: the same pipeline as the Docker runtime, each platform a
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import random
 import signal
@@ -16,7 +15,7 @@ import pytest
 
 from bot import telemetry
 from bot.runtimes import BuildJob, Source
-from bot.runtimes.kubernetes import REGISTRY_SECRET, KubernetesRuntime
+from bot.runtimes.kubernetes import REGISTRY_KEY, KubernetesRuntime
 from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespace, expect, kubeconfig_for, poll
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.support import infra
@@ -186,10 +185,15 @@ def on_registry(k8s, registry, database, namespace, kubeconfig, **overrides):
     return make_settings(database.url, **values)
 
 
-def registry_secret(k8s: Cluster, namespace: str) -> dict:
+def secrets_left(k8s: Cluster, namespace: str) -> list[str]:
+    """The Secrets of the build namespace: each build's goes with its Job."""
     with k8s.client() as api:
-        secret = expect(api.get(f"/api/v1/namespaces/{namespace}/secrets/{REGISTRY_SECRET}"))
-    return json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+        return [s["metadata"]["name"] for s in expect(api.get(f"/api/v1/namespaces/{namespace}/secrets"))["items"]
+                if s["type"] != "kubernetes.io/service-account-token"]
+
+
+def log_lines(database, build) -> list[str]:
+    return [line["line"] for line in database.read_sync(lambda c: telemetry.log_of(c, build.id))]
 
 
 def test_password_rotated_mid_run_patches_the_secret_and_heals(
@@ -231,8 +235,10 @@ def test_password_rotated_mid_run_patches_the_secret_and_heals(
     assert any(e["data"]["refreshed"] for e in retries)
     refresh = next(e for e in seen if e["name"] == "auth_refresh_succeeded")
     assert refresh["platform"] in PLATFORMS and refresh["data"]["changed"] is True
-    auth = registry_secret(k8s, namespace)["auths"][htpasswd_registry.host]["auth"]
-    assert base64.b64decode(auth).decode() == f"{USER}:second-password"  # patched, for the next attempt
+    # the build's own Secret was patched for the next attempt (the registry now refuses the old
+    # password: the push that succeeded had the new one), and went with its Job
+    assert "imagebot: registry credentials updated for the next push attempt" in log_lines(database, build)
+    poll(lambda: not secrets_left(k8s, namespace), 60, "the per-build Secrets deleted")
     assert "second-password" not in json.dumps(seen) and PASSWORD not in json.dumps(seen)
 
 
@@ -287,6 +293,56 @@ def test_a_denied_push_fails_at_once(k8s, services, database, namespace, bot_kub
     assert failed and all((e["data"]["kind"], e["data"]["attempts"]) == ("denied", 1) for e in failed)
 
 
+def test_each_build_pod_reads_only_its_own_registry_credentials_across_processes(
+        k8s, services, database, namespace, bot_kubeconfig):
+    """Two bot processes, three trusted builds for two registry hosts, each build's pod made
+    by the runtime and read back from the API server: each step reads credentials for its own
+    build's host only (one shared Secret held whichever host was written last, and a process
+    skipped writing what it believed was there already); each goes with its Job."""
+    from pydantic import SecretStr
+
+    from bot.pipeline.credentials import Credentials
+    from tests.test_runtime_kubernetes_spec import registry_of
+
+    settings = k8s_settings(k8s, services, database, namespace, bot_kubeconfig)
+    first, second = KubernetesRuntime(settings), KubernetesRuntime(settings)
+
+    def job_for(host: str) -> BuildJob:
+        root = Path("/checkout")
+        build_id = random.randrange(900_000, 1_000_000)
+        return BuildJob(root, root / "Dockerfile", "linux/amd64", None, {}, {},
+                        pull_credentials={host: Credentials(f"user-{host}", SecretStr(f"password-{host}"))},
+                        image=f"{host}/acme/app:{build_id}-linux-amd64", build_id=build_id,
+                        source=Source(root, "http://127.0.0.1:9/acme/app.git", "a" * 40, "refs/heads/main", None, ""),
+                        push=True, trusted=True)
+
+    async def go() -> dict[str, set[str]]:
+        started = []
+        for runtime, host in ((first, "a.example"), (second, "b.example"), (first, "a.example")):
+            job = job_for(host)
+            await runtime._start(f"imagebot-{job.build_id}-linux-amd64", job, lambda lines: asyncio.sleep(0))
+            started.append((runtime, job))
+        with k8s.client() as api:
+            stored = {s["metadata"]["name"]: s for s in expect(api.get(f"/api/v1/namespaces/{namespace}/secrets"))["items"]}
+            seen = {}
+            for _, job in started:
+                name = f"imagebot-{job.build_id}-linux-amd64"
+                manifest = expect(api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}"))
+                host = next(iter(job.pull_credentials))
+                seen[f"{host} {name}"] = registry_of(manifest, stored)
+        for runtime, job in started:
+            await runtime.release(job.image)
+        await first.close()
+        await second.close()
+        return seen
+
+    for build, steps in asyncio.run(go()).items():
+        host = build.split()[0]
+        assert steps == {"fetch": set(), "build": {host}, "push": {host}}, (build, steps)
+    poll(lambda: not secrets_left(k8s, namespace) and not jobs_and_pods(k8s, namespace)[0], 60,
+         "every build's Secret and Job deleted")
+
+
 # -- the build's base image in the same registry (the Docker runtime's: tests/test_pipeline_failures.py) --
 
 
@@ -328,10 +384,10 @@ def test_password_rotated_before_the_base_image_pull_patches_the_secret_and_buil
     assert names.index("auth_refresh_succeeded") < names.index("build_platform_retry") < names.index("push_succeeded")
     assert next(e for e in seen if e["name"] == "auth_refresh_succeeded")["data"]["changed"] is True
     assert not [e for e in seen if e["name"] == "push_retry"]  # the push ran with the new credentials
-    auth = registry_secret(k8s, namespace)["auths"][htpasswd_registry.host]["auth"]
-    assert base64.b64decode(auth).decode() == f"{USER}:second-password"
+    assert "imagebot: registry credentials updated for the next build run" in log_lines(database, build)
     assert "second-password" not in json.dumps(seen) and PASSWORD not in json.dumps(seen)
     poll(lambda: jobs_and_pods(k8s, namespace) == ([], []), 60, "Jobs and pods cleaned up")
+    assert not secrets_left(k8s, namespace)
 
 
 def test_a_denied_base_image_fails_the_build_at_once_with_auth(
@@ -601,7 +657,7 @@ def build_as_a_fork(k8s: Cluster, namespace: str, settings, server, repo) -> lis
     # what the cluster ran: no token, credentials or secrets anywhere, nothing privileged
     assert not [k for k in stored if k.startswith(("GIT_", "secret."))]
     text = json.dumps([pod["spec"], stored])
-    assert FORK_TOKEN not in text and FORK_SECRET not in text and REGISTRY_SECRET not in text
+    assert FORK_TOKEN not in text and FORK_SECRET not in text and REGISTRY_KEY not in text
     for container in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
         context = container["securityContext"]
         assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False, container["name"]

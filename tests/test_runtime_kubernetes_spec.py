@@ -14,7 +14,8 @@ from pydantic import SecretStr
 from bot.pipeline.credentials import Credentials
 from bot.runtimes import BuildError, BuildJob, Source
 from bot.runtimes.kubernetes import (
-    REGISTRY_SECRET,
+    FETCH_SCRIPT,
+    REGISTRY_KEY,
     KubernetesRuntime,
     Termination,
     dockerconfigjson,
@@ -76,15 +77,88 @@ def test_the_job_carries_no_secret_and_runs_build_then_push():
     env = {e["name"]: e for e in pod["initContainers"][1]["env"]}
     assert env["IMAGEBOT_CONTEXT"]["value"] == "app" and env["IMAGEBOT_DOCKERFILE"]["value"] == "app/Dockerfile"
     push = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert push["REGISTRY_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": REGISTRY_SECRET, "key": ".dockerconfigjson",
-                                                                   "optional": True}  # none: an anonymous registry
+    # the build's own Secret ("auths" empty there for an anonymous registry)
+    assert push["REGISTRY_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "imagebot-12-linux-arm64", "key": REGISTRY_KEY}
 
 
 def test_an_untrusted_build_never_sees_the_registry_secret():
-    manifest = runtime().job_manifest("j", job(push=False, pull=False))
-    assert REGISTRY_SECRET not in json.dumps(manifest)
-    manifest = runtime().job_manifest("j", fork())
-    assert REGISTRY_SECRET not in json.dumps(manifest)
+    for untrusted in (job(push=False, pull=False), fork()):
+        assert REGISTRY_KEY not in json.dumps(runtime().job_manifest("j", untrusted))
+        assert REGISTRY_KEY not in runtime().job_secret("j", untrusted, {"r.example": Credentials("u", SecretStr("p"))})[
+            "data"]
+
+
+def registry_of(manifest: dict, secrets: dict[str, dict]) -> dict[str, set[str]]:
+    """Per step, the registry hosts whose credentials it can read: the Secret keys its
+    variables and mounted volumes name, looked up in ``secrets`` (name -> Secret)."""
+    pod = manifest["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    seen: dict[str, set[str]] = {}
+    for container in pod["initContainers"] + pod["containers"]:
+        refs = [(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                for e in container["env"] if "valueFrom" in e]
+        for mount in container["volumeMounts"]:
+            if mount["name"] in volumes:
+                volume = volumes[mount["name"]]
+                refs += [(volume["secretName"], i["key"]) for i in volume.get("items", [])]
+        hosts = set()
+        for name, key in refs:
+            value = base64.b64decode(secrets.get(name, {}).get("data", {}).get(key, "")).decode()
+            if value.startswith("{"):
+                hosts |= set(json.loads(value)["auths"])
+        seen[container["name"]] = hosts
+    return seen
+
+
+def test_each_build_reads_only_its_own_registry_credentials_from_its_own_secret():
+    """One Secret for all builds let build A read build B's credentials for another host;
+    each build's pod now reads only its own Secret, holding only its own hosts."""
+    rt = runtime()
+    a, b = job(), job(platform="linux/amd64")
+    b = BuildJob(**{**b.__dict__, "image": "other.example/acme/tool:sha-b-linux-amd64", "build_id": 13,
+                    "pull_credentials": {"other.example": Credentials("bot-b", SecretStr("pw-b"))}})
+    names = {j.build_id: job_name(j.build_id, j.platform) for j in (a, b)}
+    secrets = {names[j.build_id]: rt.job_secret(names[j.build_id], j, j.pull_credentials) for j in (a, b)}
+    assert registry_of(rt.job_manifest(names[12], a), secrets) == {
+        "fetch": set(), "build": {"registry.example"}, "push": {"registry.example"}}
+    assert registry_of(rt.job_manifest(names[13], b), secrets) == {
+        "fetch": set(), "build": {"other.example"}, "push": {"other.example"}}
+    assert "pw-b" not in json.dumps(secrets[names[12]]) and "pw-b" not in base64.b64decode(
+        secrets[names[12]]["data"][REGISTRY_KEY]).decode()
+
+
+def test_a_trusted_build_runs_unprivileged_unless_the_operator_opts_in():
+    """Privileged by default let any repository's Dockerfile leave the chroot and read the
+    node (other builds' Secrets); now buildah runs in its own user namespace by default."""
+    for step in ("build", "push"):
+        context = containers(runtime().job_manifest("n", job()))[step]["securityContext"]
+        assert context == {"privileged": False, "allowPrivilegeEscalation": False,
+                           "capabilities": {"drop": ["ALL"], "add": ["SETUID", "SETGID", "SETFCAP"]}}, step
+        assert containers(runtime(k8s_privileged=True).job_manifest("n", job()))[step]["securityContext"] == {
+            "privileged": True}, step
+    env = {e["name"]: e.get("value") for e in containers(runtime().job_manifest("n", job()))["build"]["env"]}
+    assert env["IMAGEBOT_USERNS"] == "0:100000:65536"
+    privileged = containers(runtime(k8s_privileged=True).job_manifest("n", job()))["build"]["env"]
+    assert "IMAGEBOT_USERNS" not in {e["name"] for e in privileged}
+
+
+def test_every_fetch_gets_gits_isolation_and_only_a_trusted_one_the_token():
+    for build in (job(), fork()):
+        env = {e["name"]: e for e in containers(runtime().job_manifest("n", build))["fetch"]["env"]}
+        stored = runtime().job_secret("n", build)["data"]
+
+        def value(name: str) -> str:
+            ref = env[name].get("valueFrom", {}).get("secretKeyRef")
+            return base64.b64decode(stored[ref["key"]]).decode() if ref else env[name]["value"]
+
+        assert value("GIT_CONFIG_NOSYSTEM") == "1" and value("GIT_ALLOW_PROTOCOL") == "https:http"
+        headers = [value(k) for k in env if k.startswith("GIT_CONFIG_VALUE") and "Authorization" in value(k)]
+        assert len(headers) == (1 if build.trusted else 0)
+
+
+def test_the_fetch_script_ends_gits_options_before_the_url():
+    fetches = [line.strip() for line in FETCH_SCRIPT.splitlines() if "git fetch" in line]
+    assert len(fetches) == 2 and all(' -- "$IMAGEBOT_CLONE_URL" ' in line for line in fetches), fetches
 
 
 def test_the_per_build_secret_holds_the_token_and_build_args():
@@ -129,7 +203,7 @@ def test_pods_that_will_never_run_say_why():
         "reason": "CreateContainerConfigError",
         "message": "failed to sync secret cache: timed out waiting for the condition"}}}]}}
     assert not never_heals(stuck_reason(lagging))  # the kubelet tries again by itself
-    assert never_heals("push: CreateContainerConfigError: secret \"imagebot-registry\" not found")
+    assert never_heals("push: CreateContainerConfigError: secret \"imagebot-12-linux-arm64\" not found")
 
 
 def without_scripts(manifest: dict) -> str:
@@ -199,7 +273,7 @@ def test_a_fork_pod_has_no_token_no_registry_auth_no_secret_and_nothing_privileg
     assert not [k for k in stored if k.startswith("GIT_")] and TOKEN not in json.dumps(stored)
     assert not [k for k in stored if k.startswith("secret.")] and BUILD_SECRET not in json.dumps(stored)
     text = json.dumps(manifest)
-    assert REGISTRY_SECRET not in text and "REGISTRY_AUTH" not in without_scripts(manifest)
+    assert REGISTRY_KEY not in text and "REGISTRY_AUTH" not in without_scripts(manifest)
     pod = manifest["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is False and "dnsPolicy" not in pod and pod["automountServiceAccountToken"] is False
     for name, container in containers(manifest).items():
@@ -242,10 +316,10 @@ def test_a_trusted_build_step_has_registry_auth_only_as_an_authfile_and_push_cre
     authfile = env["IMAGEBOT_AUTHFILE"]
     mount = next(m for m in build["volumeMounts"] if authfile.startswith(m["mountPath"] + "/"))
     volume = next(v for v in manifest["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-    assert volume["secret"]["secretName"] == REGISTRY_SECRET and mount["readOnly"] is True
-    assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": authfile.rsplit("/", 1)[1]}]
+    assert volume["secret"]["secretName"] == "imagebot-12-linux-arm64" and mount["readOnly"] is True
+    assert volume["secret"]["items"] == [{"key": REGISTRY_KEY, "path": authfile.rsplit("/", 1)[1]}]
     assert "--authfile" in build["command"][2]
-    assert secret_refs(by_name["push"]) == {".dockerconfigjson"}
+    assert secret_refs(by_name["push"]) == {REGISTRY_KEY}
     assert not any(m["name"] == mount["name"] for m in by_name["push"]["volumeMounts"] + by_name["fetch"]["volumeMounts"])
 
 

@@ -10,10 +10,11 @@ The Job's pod has three containers sharing an ``emptyDir``, each with what it ne
   trusted build's registry config.json is a file of a Secret volume (``--authfile``), its
   operator build secrets files (``--secret``); a fork's gets neither, and is never privileged;
 - ``push`` pushes that tag, once, writing the digest (or the registry's error) as its
-  termination message. The registry credentials come from the namespace's
-  ``kubernetes.io/dockerconfigjson`` Secret as an environment variable, which the kubelet reads
-  again at every container start (the build step's file follows a patched Secret too: the
-  kubelet refreshes Secret volumes when it syncs the pod, which a failed run makes it do).
+  termination message. The registry credentials come from the per-build Secret (a config.json
+  holding only the hosts this build may use, never another build's) as an environment
+  variable, which the kubelet reads again at every container start (the build step's file
+  follows a patched Secret too: the kubelet refreshes Secret volumes when it syncs the pod,
+  which a failed run makes it do).
 
 Every container has the build's memory and CPU limits, the Job a deadline (kind ``timeout``).
 
@@ -27,7 +28,11 @@ that decides: each termination is one push attempt, classified with the same rul
 Docker engine's errors (bot.pipeline.push) and retried, refreshed or given up by the same
 policy in the pipeline. A refresh patches the Secret before the next start, so a rotated
 password heals without anyone stepping in. Giving up, finishing or being cancelled deletes the
-Job (its pod with it) and the per-build Secret.
+Job (its pod with it) and the per-build Secret (the registry credentials with it).
+
+Every step runs unprivileged by default (IMAGEBOT_K8S_PRIVILEGED=false): buildah builds in a
+user namespace of its own with three capabilities, so a RUN step's root is no root of the
+node; only an operator who opts in runs trusted builds privileged.
 
 The ``build`` container is followed the same way: a run that failed pulling a base image (its
 termination message names the failing FROM step and buildah's error) is one build attempt, a
@@ -72,7 +77,8 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REGISTRY_SECRET = "imagebot-registry"
+#: The per-build Secret's key holding that build's registry config.json (its own hosts only).
+REGISTRY_KEY = "registry-auth"
 LABEL_BUILD = "imagebot.dev/build"
 LABEL_PLATFORM = "imagebot.dev/platform"
 #: Waiting reasons that will not heal by waiting.
@@ -91,8 +97,8 @@ LOG_DRAIN_SECONDS = 5.0
 FETCH_SCRIPT = r"""set -eu
 rm -rf /work/src
 git init -q /work/src && cd /work/src
-if ! git fetch -q --depth 1 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_SHA" 2>/tmp/err; then
-  if ! git fetch -q --depth 50 "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_REF" 2>/tmp/err; then
+if ! git fetch -q --depth 1 -- "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_SHA" 2>/tmp/err; then
+  if ! git fetch -q --depth 50 -- "$IMAGEBOT_CLONE_URL" "$IMAGEBOT_REF" 2>/tmp/err; then
     cat /tmp/err >&2; tail -c 2000 /tmp/err > /dev/termination-log; exit 1
   fi
 fi
@@ -116,7 +122,7 @@ while IFS= read -r label; do [ -n "$label" ] && set -- "$@" --label "$label"; do
 for secret in /imagebot/secrets/*; do [ -f "$secret" ] && set -- "$@" --secret "id=${secret##*/},src=$secret"; done
 # a trusted build with the layer cache on keeps its storage on the node (IMAGEBOT_STORAGE)
 if [ "${IMAGEBOT_LAYERS:-false}" = true ]; then set -- "$@" --layers; fi
-# a fork's RUN steps: root there is an unprivileged uid of the node
+# an unprivileged build's RUN steps: root there is an unprivileged uid of the node
 if [ -n "${IMAGEBOT_USERNS:-}" ]; then set -- "$@" --userns-uid-map "$IMAGEBOT_USERNS" --userns-gid-map "$IMAGEBOT_USERNS"; fi
 store=${IMAGEBOT_STORAGE:-/work}
 started=$(date +%s)
@@ -153,16 +159,16 @@ if [ "$rc" -eq 0 ]; then cat /tmp/digest > /dev/termination-log; exit 0; fi
 exit "$rc"
 """
 DONE_SCRIPT = "echo 'imagebot: built; this build pushes nothing'"
-#: Where the build step finds a trusted build's registry config.json (a Secret volume).
+#: Where the build step finds a trusted build's registry config.json (a per-build Secret volume).
 AUTH_DIR = "/imagebot-auth"
 #: The per-build Secret's keys holding operator build secrets (files below /imagebot/secrets).
 SECRET_KEY_PREFIX = "secret."
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-#: A fork's build step: not privileged, no privilege to gain, every capability dropped but the
-#: three buildah needs to make its own user namespace (SETUID, SETGID, and SETFCAP, which Linux
-#: >= 5.12 asks for to map root). buildah (--isolation chroot, vfs) then builds as root of that
-#: namespace only, and its RUN steps run as host uids 100000-165535 (UNTRUSTED_USERNS), never
-#: as root of the node. Seen on the test node (1.20, containerd 1.6, kernel 6.x): this builds;
+#: Every build step unless the operator opts in to privileged trusted builds (a fork's always):
+#: not privileged, no privilege to gain, every capability dropped but the three buildah needs
+#: to make its own user namespace (SETUID, SETGID, and SETFCAP, which Linux >= 5.12 asks for to
+#: map root). buildah (--isolation chroot, vfs) then builds as root of that namespace only, and
+#: its RUN steps run as host uids 100000-165535 (UNTRUSTED_USERNS), never as root of the node. Seen on the test node (1.20, containerd 1.6, kernel 6.x): this builds;
 #: seccomp RuntimeDefault does not (containerd's profile refuses unshare(CLONE_NEWUSER)).
 UNTRUSTED_BUILD_SECURITY: dict[str, Any] = {
     "privileged": False, "allowPrivilegeEscalation": False,
@@ -327,10 +333,16 @@ class _Platform:
     built: int = 0  # build runs already handed to the pipeline
     seen: int = 0  # push attempts already handed to the pipeline
     followers: dict[int, asyncio.Task] = field(default_factory=dict)  # build run -> its log stream
+    #: This build's registry credentials (its own hosts only), as last written to its Secret.
+    registry: dict[str, Credentials] = field(default_factory=dict, repr=False)
 
     @property
     def has_registry_auth(self) -> bool:
         return gets_registry_auth(self.job)
+
+    def fingerprint(self) -> str:
+        """What the build and push scripts print of the credentials they ran with."""
+        return hashlib.sha256(dockerconfigjson(self.registry).encode()).hexdigest()
 
 
 class KubernetesRuntime:
@@ -342,9 +354,6 @@ class KubernetesRuntime:
         self.namespace = settings.k8s_namespace
         self._api = api
         self._platforms: dict[str, _Platform] = {}
-        self._secret_lock = asyncio.Lock()
-        self._registry_auth: str | None = None  # what REGISTRY_SECRET holds, as last written
-        self._written: dict[str, Credentials] = {}  # ... and the credentials in it
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -391,38 +400,36 @@ class KubernetesRuntime:
         if created is None:
             await self._call(f"replacing Secret {name}", core.replace_namespaced_secret, name, self.namespace, body)
 
-    async def write_registry_secret(self, creds: dict[str, Credentials]) -> bool:
-        """Make the namespace's registry Secret hold ``creds``; True if it changed."""
-        config = dockerconfigjson(creds)
-        async with self._secret_lock:
-            if config == self._registry_auth:
-                return False
-            await self._put_secret(REGISTRY_SECRET, {
-                "metadata": {"name": REGISTRY_SECRET, "labels": {"app.kubernetes.io/managed-by": "imagebot"}},
-                "type": "kubernetes.io/dockerconfigjson",
-                "data": {".dockerconfigjson": _b64(config)},
-            })
-            self._registry_auth, self._written = config, dict(creds)
-            return True
+    async def _write_registry(self, state: _Platform, creds: dict[str, Credentials] | None) -> bool:
+        """Write the build's own Secret with ``creds`` merged into its registry credentials
+        (always: no cache of this process decides, the Secret is the build's alone); True if
+        the credentials changed."""
+        before = state.fingerprint()
+        state.registry.update(creds or {})
+        await self._put_secret(state.name, self.job_secret(state.name, state.job, state.registry))
+        return state.fingerprint() != before
 
-    def job_secret(self, name: str, job: BuildJob) -> dict[str, Any]:
+    def job_secret(self, name: str, job: BuildJob, registry: dict[str, Credentials] | None = None) -> dict[str, Any]:
         """What the pod must know but no spec may show: the fetch token (trusted builds only,
-        and only the fetch step reads it), the build args, and a trusted build's operator
-        build secrets (as files, only the build step reads them)."""
+        and only the fetch step reads it), the build args, a trusted build's operator build
+        secrets (as files, only the build step reads them) and its registry config.json (only
+        this build's hosts: the build step's authfile and the push step's variable)."""
         args = "\n".join(f"{k}={v}" for k, v in job.build_args.items() if "\n" not in v)
         labels = "\n".join(f"{k}={v}" for k, v in job.labels.items() if "\n" not in v)
-        data = {**{k: _b64(v) for k, v in self._fetch_env(job).items()},
+        data = {**({k: _b64(v) for k, v in self._fetch_env(job).items()} if trusted(job) else {}),
                 "build-args": _b64(args + "\n"), "labels": _b64(labels + "\n")}
         data.update({f"{SECRET_KEY_PREFIX}{k}": _b64(v) for k, v in build_secrets(job).items()})
+        if gets_registry_auth(job):
+            data[REGISTRY_KEY] = _b64(dockerconfigjson(registry or {}))
         return {"metadata": {"name": name, "labels": self._labels(job)}, "type": "Opaque", "data": data}
 
     @staticmethod
     def _fetch_env(job: BuildJob) -> dict[str, str]:
-        """git's token configuration (GIT_CONFIG_*) for the fetch step; none for a fork."""
+        """git's isolated configuration (GIT_*: no system config, only the allowed protocols)
+        for every fetch step; the token's header (GIT_CONFIG_*) for a trusted build's only."""
         assert job.source is not None
-        if not trusted(job):
-            return {}
-        return {k: v for k, v in git_env(job.source.clone_url, job.source.token, job.source.username,
+        token = job.source.token if trusted(job) else None
+        return {k: v for k, v in git_env(job.source.clone_url, token, job.source.username,
                                          home=Path("/work")).items() if k.startswith("GIT_")}
 
     # -- the Job ----------------------------------------------------------------------------
@@ -478,13 +485,13 @@ class KubernetesRuntime:
             env += [{"name": "IMAGEBOT_STORAGE", "value": "/cache"}, {"name": "IMAGEBOT_LAYERS", "value": "true"}]
             mounts.append({"name": "cache", "mountPath": "/cache"})
             volumes.append({"name": "cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}})
-        if gets_registry_auth(job):  # untrusted builds never see the registry Secret
-            # optional: with no registry credentials configured there is no Secret (an
-            # anonymous registry); the scripts take a missing file / empty variable as "none"
-            volumes.append({"name": "registry", "secret": {"secretName": REGISTRY_SECRET, "optional": True, "items": [
-                {"key": ".dockerconfigjson", "path": "auth.json"}]}})
+        if gets_registry_auth(job):  # untrusted builds never get registry credentials
+            # the build's own Secret: its config.json holds this build's hosts only ("auths"
+            # empty for an anonymous registry), and goes with the Job
+            volumes.append({"name": "registry", "secret": {"secretName": name, "items": [
+                {"key": REGISTRY_KEY, "path": "auth.json"}]}})
         containers = [self._fetch_container(name, job), self._build_container(job, env, mounts),
-                      self._push_container(job, env, mounts)]
+                      self._push_container(name, job, env, mounts)]
         return {
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -530,14 +537,16 @@ class KubernetesRuntime:
                 "terminationMessagePolicy": "File"}
 
     def _fetch_container(self, name: str, job: BuildJob) -> dict[str, Any]:
-        """git, and the token's variables one by one from the per-build Secret (a fork: none)."""
+        """git, with its isolated configuration: a trusted build's one by one from the per-build
+        Secret (it holds the token), a fork's as plain values (it has no token)."""
         assert job.source is not None
+        git = self._fetch_env(job)
         env = [{"name": "IMAGEBOT_CLONE_URL", "value": job.source.clone_url},
                {"name": "IMAGEBOT_SHA", "value": job.source.sha},
                {"name": "IMAGEBOT_REF", "value": job.source.ref},
                {"name": "HOME", "value": "/work"},
-               *({"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}}
-                 for k in sorted(self._fetch_env(job)))]
+               *({"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}} if trusted(job)
+                 else {"name": k, "value": git[k]} for k in sorted(git))]
         return self._container(job, "fetch", FETCH_SCRIPT, env, [{"name": "work", "mountPath": "/work"}])
 
     def _build_container(self, job: BuildJob, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -553,16 +562,16 @@ class KubernetesRuntime:
         if gets_registry_auth(job):
             mounts.append({"name": "registry", "mountPath": AUTH_DIR, "readOnly": True})
             env.append({"name": "IMAGEBOT_AUTHFILE", "value": f"{AUTH_DIR}/auth.json"})
-        if not trusted(job):
+        if not self._privileged(job):
             env.append({"name": "IMAGEBOT_USERNS", "value": UNTRUSTED_USERNS})
         return self._container(job, "build", s.k8s_build_script or BUILD_SCRIPT, env, mounts)
 
-    def _push_container(self, job: BuildJob, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
-        """buildah push only: the registry credentials may be a variable here."""
+    def _push_container(self, name: str, job: BuildJob, env: list[dict[str, Any]],
+                        mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        """buildah push only: the build's registry credentials may be a variable here."""
         env = list(env)
         if job.push and gets_registry_auth(job):
-            env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {
-                "name": REGISTRY_SECRET, "key": ".dockerconfigjson", "optional": True}}})
+            env.append({"name": "REGISTRY_AUTH", "valueFrom": {"secretKeyRef": {"name": name, "key": REGISTRY_KEY}}})
         script = (self.settings.k8s_push_script or PUSH_SCRIPT) if job.push else DONE_SCRIPT
         return self._container(job, "push", script, env, mounts)
 
@@ -572,15 +581,19 @@ class KubernetesRuntime:
         items += [{"key": f"{SECRET_KEY_PREFIX}{k}", "path": f"secrets/{k}"} for k in sorted(build_secrets(job))]
         return {"name": "job", "secret": {"secretName": name, "items": items}}
 
+    def _privileged(self, job: BuildJob) -> bool:
+        """Only a trusted build, and only when the operator opts in (IMAGEBOT_K8S_PRIVILEGED)."""
+        return trusted(job) and self.settings.k8s_privileged
+
     def _security(self, job: BuildJob, step: str) -> dict[str, Any]:
-        """The fetch step (git) needs no capability, whoever's build it is. A trusted build's
-        other steps run as the operator says (privileged by default); a fork's never do: its
-        build step builds in a user namespace of its own with three capabilities, its push
-        step (which pushes nothing) with none (see docs/kubernetes.md)."""
-        if step == "fetch" or (step == "push" and not trusted(job)):
+        """The fetch step (git), and a push step that pushes nothing, need no capability. The
+        build and push steps (buildah) build in a user namespace of their own with three
+        capabilities, unless the operator made trusted builds privileged; a fork's never are
+        (see docs/kubernetes.md)."""
+        if step == "fetch" or (step == "push" and not job.push):
             return copy.deepcopy(UNTRUSTED_SECURITY)
-        if trusted(job):
-            return {"privileged": self.settings.k8s_privileged}
+        if self._privileged(job):
+            return {"privileged": True}
         return copy.deepcopy(UNTRUSTED_BUILD_SECURITY)
 
     def resources(self) -> dict[str, dict[str, str]]:
@@ -604,7 +617,7 @@ class KubernetesRuntime:
         """One build attempt: start (or adopt) the platform's Job and wait for its build step's
         run; the image is the platform tag itself (buildah built straight into it).
 
-        Called again after a PullError, it patches the registry Secret with the new
+        Called again after a PullError, it patches the build's Secret with the new
         ``pull_credentials`` and waits for the build step's next run (the kubelet restarts a
         failed init container by itself, reading the Secret again)."""
         if job.source is None or job.image is None or job.build_id is None:
@@ -615,17 +628,15 @@ class KubernetesRuntime:
         state = self._platforms.get(job.image)
         if state is None or state.name != name:
             state = await self._start(name, job, log)
-        elif job.pull_credentials and await self.write_registry_secret(job.pull_credentials):
-            await log(["imagebot: registry Secret updated for the next build run"])
+        elif state.has_registry_auth and await self._write_registry(state, job.pull_credentials):
+            await log(["imagebot: registry credentials updated for the next build run"])
         return await self._build_run(state)
 
     async def _start(self, name: str, job: BuildJob, log: LogSink) -> _Platform:
         """Create the platform's Job (or adopt the one an earlier worker left running)."""
         state = _Platform(name, job, log)
         self._platforms[job.image] = state
-        if job.pull_credentials:
-            await self.write_registry_secret(job.pull_credentials)
-        await self._put_secret(name, self.job_secret(name, job))
+        await self._write_registry(state, job.pull_credentials if state.has_registry_auth else None)
         batch = k8s.BatchV1Api(await self.api())
         existing = await self._find_job(name)
         if existing is not None and not _job_failed(existing):
@@ -686,13 +697,13 @@ class KubernetesRuntime:
 
     def _replaced(self, state: _Platform, used: str | None) -> bool:
         """Whether a run had registry credentials the bot has replaced since."""
-        return state.has_registry_auth and used is not None and used != self._fingerprint()
+        return state.has_registry_auth and used is not None and used != state.fingerprint()
 
     def _secrets(self, state: _Platform) -> tuple[str, ...]:
         """What must not reach a message: secret build args and the registry passwords."""
         token = state.job.source.token if state.job.source else None
         return (*masked(state.job), *((token.get_secret_value(),) if token else ()),
-                *(c.password.get_secret_value() for c in self._written.values()))
+                *(c.password.get_secret_value() for c in state.registry.values()))
 
     async def tag(self, image_id: str, target: str) -> None:
         """Nothing to do: the image was built under its platform tag."""
@@ -705,8 +716,9 @@ class KubernetesRuntime:
         """One push attempt: the ``push`` container's next run."""
         state = self._platforms[target]
         host = split_image(target)[0]
-        if credentials is not None and await self.write_registry_secret({host: credentials}):
-            await log(["imagebot: registry Secret updated for the next push attempt"])
+        if credentials is not None and state.has_registry_auth and \
+                await self._write_registry(state, {host: credentials}):
+            await log(["imagebot: registry credentials updated for the next push attempt"])
 
         def ended(pod: dict[str, Any]) -> bool:
             return _next_run(pod, "push", state.seen) is not None or _pod_over(pod)
@@ -719,7 +731,7 @@ class KubernetesRuntime:
                                                "with no push run left to wait for")
             state.seen = attempt.attempt
             detail, used = split_auth_note(attempt.message)
-            if attempt.exit_code == 0 or used is None or used == self._fingerprint():
+            if attempt.exit_code == 0 or used is None or used == state.fingerprint():
                 break
             # The kubelet restarted the container before it saw the patched Secret: that run
             # could not have worked, and is not an attempt. The next run (after the kubelet's
@@ -731,18 +743,15 @@ class KubernetesRuntime:
         digest = attempt.message.strip()
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise RegistryError("unknown", f"the push step reported no digest: {sanitize(digest, secrets)}")
-        return Pushed(digest, await self._size(target, digest, credentials, log))
+        return Pushed(digest, await self._size(state, digest, credentials, log))
 
-    def _fingerprint(self) -> str:
-        """What the push script prints of the credentials it ran with."""
-        return hashlib.sha256((self._registry_auth or "").encode()).hexdigest()
-
-    async def _size(self, target: str, digest: str, credentials: Credentials | None, log: LogSink) -> int:
+    async def _size(self, state: _Platform, digest: str, credentials: Credentials | None, log: LogSink) -> int:
         """The pushed manifest's size, read from the registry with the newest credentials (the
         push has succeeded: a failure to read its size must not make it an attempt to repeat,
         since the pod will not push again)."""
-        host, repository = split_image(target.rpartition(":")[0])
-        credentials = self._written.get(host, credentials)
+        assert state.job.image is not None
+        host, repository = split_image(state.job.image.rpartition(":")[0])
+        credentials = state.registry.get(host, credentials)
         registry = RegistryClient(host, _Fixed(credentials) if credentials else None)
         try:
             return (await registry.describe(repository, digest, "")).size
@@ -753,7 +762,7 @@ class KubernetesRuntime:
             await registry.aclose()
 
     async def release(self, target: str) -> None:
-        """Delete the platform's Job (its pod with it) and Secret."""
+        """Delete the platform's Job (its pod with it) and Secret (its registry credentials with it)."""
         state = self._platforms.pop(target, None)
         if state is None:
             return
