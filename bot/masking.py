@@ -128,6 +128,19 @@ class Masker:
                        if any(f in text for f in fs)})
 
 
+def of_settings(settings: Any) -> Masker:
+    """A masker that knows the operator's own secrets (webhook secret and token, API tokens,
+    admin and read tokens, the registry password with its Basic pair): what any text the bot
+    writes of its own, a build's or a crash's, must never show. ``settings`` is a
+    bot.settings.Settings (not imported: this module stays free of the bot's own)."""
+    masker = Masker([value.get_secret_value() for value in (
+        settings.github_webhook_secret, settings.gitlab_webhook_token, settings.github_token,
+        settings.gitlab_api_token, settings.admin_token, settings.read_token) if value is not None])
+    password = settings.registry_password
+    masker.add_basic(settings.registry_username or "", password.get_secret_value() if password else None)
+    return masker
+
+
 def mask(text: str, secrets: Iterable[str]) -> str:
     """``text`` masked against ``secrets`` (for one message; a build keeps its own Masker)."""
     return Masker(secrets).mask(text)

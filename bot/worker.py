@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from datetime import timedelta
 
 from sqlalchemy import Connection, select
 
-from bot import queue, retention, telemetry
+from bot import masking, queue, retention, telemetry
 from bot.db import Database
 from bot.models import Build, BuildStatus, builds, utcnow
 from bot.reporters import outbox
@@ -287,8 +288,10 @@ class Worker:
                 log.info("build %s given back to the queue at shutdown", build.id)
             raise
         except Exception as exc:
-            log.exception("build %s crashed", build.id)
-            outcome = BuildOutcome(BuildStatus.failed, "internal", f"{type(exc).__name__}: {exc}")
+            # a bug of ours, whose words may carry anything the build had: masked like a build's
+            masker = masking.of_settings(self.settings)
+            log.error("build %s crashed: %s", build.id, masker.mask("".join(traceback.format_exception(exc))))
+            outcome = BuildOutcome(BuildStatus.failed, "internal", masker.mask(f"{type(exc).__name__}: {exc}"))
         held = await self.db.write(lambda conn: _finish(conn, build, self.owner, outcome, started, self.report_to))
         self._publish(held)
         if held:

@@ -86,6 +86,31 @@ async def test_runs_at_most_concurrency_builds(db, db_url):
     assert events[0]["data"] == {"attempt": 1}
 
 
+async def test_a_crash_message_never_shows_the_operators_secrets(db, db_url, caplog):
+    """A crash is a bug of ours, and its words may carry what the build had (the registry
+    password in a URL, a token in a header): stored and logged masked, like a build's text."""
+    import base64
+
+    (build_id,) = enqueue(db, request())
+    settings = fast_settings(db_url, registry="r.example", registry_username="bot",
+                             registry_password="crash-registry-password", admin_token="crash-admin-token")
+    basic = base64.b64encode(b"bot:crash-registry-password").decode()
+
+    async def crash(build):
+        raise RuntimeError(f"GET https://bot:crash-registry-password@r.example ({basic}), admin crash-admin-token")
+
+    worker = Worker(db, settings, crash)
+    task = asyncio.create_task(worker.run())
+    await until(lambda: statuses(db)[build_id] == "failed")
+    worker.stop()
+    await task
+    message = db.read_sync(lambda c: c.execute(select(builds.c.error_message)).scalar_one())
+    logged = caplog.text
+    for secret in ("crash-registry-password", basic, "crash-admin-token"):
+        assert secret not in message and secret not in logged
+    assert message.startswith("RuntimeError: GET https://***@r.example") and "crashed" in logged
+
+
 async def test_a_crashing_build_fails_with_kind_internal(db, db_url):
     (build_id,) = enqueue(db, request())
 

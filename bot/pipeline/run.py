@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import SecretStr
 from sqlalchemy import Connection, select
 
+from bot import masking
 from bot.masking import Masker
 from bot.models import Build, BuildKind, BuildStatus, builds, utcnow
 from bot.pipeline import secrets as build_secrets
@@ -176,13 +177,7 @@ class Pipeline:
 
     def _masker(self) -> Masker:
         """A build's masker, knowing the operator's own secrets from the start."""
-        s = self.settings
-        masker = Masker([v.get_secret_value() for v in (
-            s.github_webhook_secret, s.gitlab_webhook_token, s.github_token, s.gitlab_api_token,
-            s.admin_token) if v is not None])
-        masker.add_basic(s.registry_username or "", s.registry_password.get_secret_value()
-                         if s.registry_password else None)
-        return masker
+        return masking.of_settings(self.settings)
 
     async def _run_within_deadline(self, build: Build) -> BuildOutcome:
         """Run ``build`` within BUILD_DEADLINE_SECONDS; past it, whatever step it is at is
