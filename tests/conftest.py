@@ -76,6 +76,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def database(sqlite_template: Path, tmp_path: Path) -> Iterator[dbmod.Database]:
+    """One migrated SQLite database, for tests of whole builds (one database is enough there;
+    the queue and API tests run on both through ``db``)."""
+    path = tmp_path / "build.db"
+    shutil.copy(sqlite_template, path)
+    database = dbmod.Database(f"sqlite:///{path}")
+    yield database
+    database.close()
+
+
+@pytest.fixture
 def db(db_url: str) -> Iterator[dbmod.Database]:
     database = dbmod.Database(db_url)
     yield database

@@ -6,7 +6,6 @@ real ``RUN yes`` build on the Docker engine)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import uuid
 
 import pytest
@@ -118,15 +117,6 @@ def test_a_range_read_reads_only_its_lines(db, client):
 
 
 # -- a real flood on the Docker engine --------------------------------------------------------------
-
-
-@pytest.fixture
-def database(sqlite_template, tmp_path):
-    path = tmp_path / "logs.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite:///{path}")
-    yield db
-    db.close()
 
 
 def test_a_real_run_yes_build_is_capped_and_goes_on(database, tmp_path):

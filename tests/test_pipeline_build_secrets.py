@@ -20,7 +20,7 @@ from bot.models import BuildKind, BuildStatus
 from bot.reporters.check_run import BuildFacts, check_run_body
 from tests.standins.git_http import GitHTTPServer, make_repo
 from tests.support import infra
-from tests.test_pipeline_run import database, events, new_build, registry_get, run, settings_for  # noqa: F401
+from tests.test_pipeline_run import events, new_build, registry_get, run, settings_for
 
 SECRET_STAGE = "FROM {base} AS fetch\nARG TOKEN\n"
 

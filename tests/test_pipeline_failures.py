@@ -21,7 +21,7 @@ from tests.standins.credential_helper import ENV_VAR, CredentialHelper
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.standins.registry import HtpasswdRegistry, TokenRegistry
 from tests.support import make_settings, wait_until
-from tests.test_pipeline_run import PLATFORMS, database, events, new_build, services  # noqa: F401 - fixtures
+from tests.test_pipeline_run import PLATFORMS, events, new_build, services  # noqa: F401 - fixtures
 
 USER, PASSWORD = "bot", "first-password"
 

@@ -20,7 +20,7 @@ from bot.runtimes import BuildError, BuildJob
 from bot.runtimes.docker import DockerRuntime
 from tests.standins.git_http import GitHTTPServer, make_repo
 from tests.support import infra
-from tests.test_pipeline_run import database, new_build, run, settings_for  # noqa: F401 - fixtures
+from tests.test_pipeline_run import new_build, run, settings_for
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from bot.telemetry import Telemetry
 from tests.standins.git_http import GitHTTPServer, make_repo
 from tests.standins.recorder import Recorder
 from tests.support import infra, make_settings
-from tests.test_pipeline_run import database, events, new_build, run  # noqa: F401 - fixtures
+from tests.test_pipeline_run import events, new_build, run
 
 DOCKERFILE = "FROM {base}\nRUN echo built > /built\n"
 LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

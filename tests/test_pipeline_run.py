@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -28,15 +27,6 @@ PLATFORMS = ["linux/amd64", "linux/arm64"]
 @pytest.fixture(scope="module")
 def services() -> dict[str, str]:
     return infra("docker", "registry", "binfmt", "base-image")
-
-
-@pytest.fixture
-def database(sqlite_template, tmp_path):
-    path = tmp_path / "p.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite:///{path}")
-    yield db
-    db.close()
 
 
 @pytest.fixture

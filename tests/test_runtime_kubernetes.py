@@ -20,9 +20,8 @@ from tests.k8s_cluster import Cluster, cluster, create_namespace, delete_namespa
 from tests.standins.git_http import GitHTTPServer, make_repo, multiarch_fixture_files
 from tests.support import infra
 from tests.e2e.test_reporting import github, key  # noqa: F401 - fixtures: the GitHub App stand-in
-from tests.test_pipeline_run import (  # noqa: F401 - database is a fixture
+from tests.test_pipeline_run import (
     PLATFORMS,
-    database,
     events,
     new_build,
     registry_get,
