@@ -211,7 +211,7 @@ def record_deliveries(conn: Connection, batch: list[Incoming]) -> list[Recorded]
 
     build_ids = _insert_builds(conn, [batch[i] for i in fresh])
     results = _apply_in_order(conn, batch, fresh, build_ids)
-    _hide_when_private(conn, [batch[i].decision for i in fresh])
+    _hide_when_private(conn, [batch[i].decision for i in fresh], min(build_ids.values(), default=None))
     if fresh:
         conn.execute(_INSERT_DELIVERIES, [_delivery_row(batch[i], results[i], digests[i]) for i in fresh])
 
@@ -261,15 +261,31 @@ _HIDE_REPO = (
            builds.c.visibility != "private")
     .values(visibility="private")
 )
+#: The newest build of a repository before this batch's (ix_builds_repo_id, one row).
+_LAST_VISIBILITY = (
+    select(builds.c.visibility)
+    .where(builds.c.repo == bindparam("r"), builds.c.provider == bindparam("p"), builds.c.id < bindparam("before"))
+    .order_by(builds.c.id.desc())
+    .limit(1)
+)
 
 
-def _hide_when_private(conn: Connection, decisions: list[Decision]) -> None:
+def _hide_when_private(conn: Connection, decisions: list[Decision], first_new: int | None) -> None:
     """A repository that went private takes its earlier builds with it: the status page must
-    not keep showing their logs to anyone because they were built while it was public."""
+    not keep showing their logs to anyone because they were built while it was public.
+
+    Only when its newest earlier build is public: every private delivery before hid all that
+    came before it, so then nothing is left to hide, and ingress stays one indexed row per
+    private repository of the batch however many builds the repository has."""
     private = sorted({(d.provider, d.repo) for d in decisions
                       if isinstance(d, BuildRequest) and d.visibility == "private"})
-    if private:
-        conn.execute(_HIDE_REPO, [{"p": provider, "r": repo} for provider, repo in private])
+    if not private or first_new is None:
+        return
+    went_private = [{"p": provider, "r": repo} for provider, repo in private
+                    if conn.execute(_LAST_VISIBILITY, {"p": provider, "r": repo, "before": first_new}).scalar()
+                    == "public"]
+    if went_private:
+        conn.execute(_HIDE_REPO, went_private)
 
 
 def _insert_builds(conn: Connection, batch: list[Incoming]) -> dict[int, int]:

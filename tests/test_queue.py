@@ -253,3 +253,17 @@ def test_a_repository_that_went_private_takes_its_earlier_builds_with_it(db):
         return db.read_sync(lambda c: c.execute(select(builds.c.visibility).where(builds.c.id == build_id)).scalar_one())
 
     assert (visibility(public), visibility(other)) == ("private", "public")
+
+
+def test_a_repository_that_went_private_again_hides_what_it_built_while_public(db):
+    """Only the newest earlier build is looked at (one indexed row on the hot path), so the
+    rule must hold across flips: public, private, public again, then private."""
+    def visibility(build_id: int) -> str:
+        return db.read_sync(lambda c: c.execute(select(builds.c.visibility).where(builds.c.id == build_id)).scalar_one())
+
+    first, = enqueue(db, request(sha="1" * 40))
+    enqueue(db, request(sha="2" * 40, visibility="private"))
+    public_again, = enqueue(db, request(sha="3" * 40))
+    assert (visibility(first), visibility(public_again)) == ("private", "public")
+    enqueue(db, request(sha="4" * 40, visibility="private"))
+    assert visibility(public_again) == "private"
